@@ -133,7 +133,8 @@ def fetch_named_weights(source: str) -> dict[str, torch.Tensor]:
             where = f"the Hugging Face Hub repository {cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
             raise RuntimeError(
                 f"could not fetch {source} ({type(error).__name__}: {error}). Without network access, "
-                f"download model.safetensors from {where} elsewhere and give that file's path as the weights"
+                f"download model.safetensors from {where} elsewhere and give that file's path as the weights "
+                "(HF_HUB_OFFLINE=1 skips the download retries)"
             ) from error
     raise ValueError(
         f"unknown weights source {source!r}: give a file path, 'torchvision:<arch>.<WEIGHTS>' or "
@@ -183,7 +184,7 @@ def load_pretrained(model: nn.Module, source: str | Path) -> LoadReport:
     backbone. Raises listing every missing, unexpected or mis-shaped tensor.
     """
     source = str(source)
-    is_named = re.match(r"^(torchvision|timm):", source) is not None
+    is_named = re.match(r"^[A-Za-z]\w+:", source) is not None and not Path(source).exists()
     state = fetch_named_weights(source) if is_named else read_checkpoint(source)
     fmt = detect_format(state, model)
     if isinstance(model, FPN) and fmt != "native":
