@@ -304,6 +304,20 @@ class ResNet(Backbone):
         for module in self.frozen_modules():
             freeze(module)
 
+    def pop_stage(self, name: str) -> nn.Module:
+        """Remove the last built stage from this backbone and return it; the C4 detector runs ``res5`` on
+        pooled regions instead of on the whole image. Weights already loaded go with the stage."""
+        if not self.stage_names or name != self.stage_names[-1]:
+            raise ValueError(f"only the last built stage ({self.stage_names[-1:]}) can be taken, not {name!r}")
+        if self.final_norm is not None:
+            raise ValueError("a pre-activation network's last stage cannot be taken out of it")
+        stage = getattr(self, name)
+        delattr(self, name)
+        self.stage_names.pop()
+        self._out_shapes.pop(name, None)
+        self.unbuilt_modules = (name, *self.unbuilt_modules)
+        return stage
+
     def frozen_modules(self) -> list[nn.Module]:
         """The stem and stages that ``freeze_at`` freezes."""
         return [getattr(self, name) for name in ["stem", *self.stage_names][: self.freeze_at]]

@@ -114,5 +114,16 @@ class TimmBackbone(Backbone):
         for name, child in children[:stop]:
             setattr(self.body, name, freeze(child))
 
+    def pop_stage(self, name: str) -> nn.Module:
+        """Remove the last built stage from this backbone and return it (see ``ResNet.pop_stage``)."""
+        module = self.timm_module_of.get(name, "").replace(".", "_")
+        if not self._out_shapes or name != list(self._out_shapes)[-1] or module != list(self.body._modules)[-1]:
+            raise ValueError(f"only the last built stage ({list(self._out_shapes)[-1:]}) can be taken, not {name!r}")
+        stage = self.body._modules.pop(module)
+        self.body.return_layers.pop(module, None)
+        self._out_shapes.pop(name)
+        self.unbuilt_modules = (module, *self.unbuilt_modules)
+        return stage
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self._out_shapes, self.body(images)))

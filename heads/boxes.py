@@ -1,0 +1,122 @@
+"""Box coding, IoU matching and balanced sampling: the pieces the RPN and the RoI heads share.
+
+Boxes are ``(x1, y1, x2, y2)`` in pixels. IoU, NMS and clipping come from ``torchvision.ops``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Largest log-scale a decoded box may grow by (a box can become at most 1000/16 times its anchor).
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+class BoxCoder:
+    """Encodes a box relative to a reference box as ``(dx, dy, dw, dh)`` (R-CNN parameterization) scaled by
+    ``weights``, and decodes back. Both work elementwise on any leading shape."""
+
+    def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+                 scale_clamp: float = DEFAULT_SCALE_CLAMP):
+        self.weights = weights
+        self.scale_clamp = scale_clamp
+
+    def encode(self, boxes: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Deltas (..., 4) that turn ``reference`` (..., 4) into ``boxes`` (..., 4)."""
+        wx, wy, ww, wh = self.weights
+        ref_w = reference[..., 2] - reference[..., 0]
+        ref_h = reference[..., 3] - reference[..., 1]
+        ref_x = reference[..., 0] + 0.5 * ref_w
+        ref_y = reference[..., 1] + 0.5 * ref_h
+        w = boxes[..., 2] - boxes[..., 0]
+        h = boxes[..., 3] - boxes[..., 1]
+        x = boxes[..., 0] + 0.5 * w
+        y = boxes[..., 1] + 0.5 * h
+        return torch.stack(
+            (wx * (x - ref_x) / ref_w, wy * (y - ref_y) / ref_h, ww * torch.log(w / ref_w), wh * torch.log(h / ref_h)),
+            dim=-1,
+        )
+
+    def decode(self, deltas: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Boxes from ``deltas`` (..., K*4) applied to ``reference`` (..., 4): (..., K*4), one box per group
+        of four (K classes for class-specific regression)."""
+        reference = reference.to(deltas.dtype)
+        wx, wy, ww, wh = self.weights
+        widths = (reference[..., 2] - reference[..., 0]).unsqueeze(-1)
+        heights = (reference[..., 3] - reference[..., 1]).unsqueeze(-1)
+        ctr_x = reference[..., 0].unsqueeze(-1) + 0.5 * widths
+        ctr_y = reference[..., 1].unsqueeze(-1) + 0.5 * heights
+        dx = deltas[..., 0::4] / wx
+        dy = deltas[..., 1::4] / wy
+        dw = torch.clamp(deltas[..., 2::4] / ww, max=self.scale_clamp)
+        dh = torch.clamp(deltas[..., 3::4] / wh, max=self.scale_clamp)
+        pred_x = dx * widths + ctr_x
+        pred_y = dy * heights + ctr_y
+        half_w = 0.5 * (torch.exp(dw) * widths)
+        half_h = 0.5 * (torch.exp(dh) * heights)
+        boxes = torch.stack((pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h), dim=-1)
+        return boxes.flatten(-2)
+
+
+def box_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """Summed regression loss: ``smooth_l1`` (with ``beta``) or ``l1``."""
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
+    if kind == "l1":
+        return F.l1_loss(pred, target, reduction="sum")
+    raise ValueError(f"unknown box loss {kind!r}; choose smooth_l1 or l1")
+
+
+class Matcher:
+    """Assigns each prediction (anchor or proposal) the ground truth of highest IoU.
+
+    ``match(iou)`` takes IoUs ``(G, P)`` (``G`` may be 0) and returns ``(matched_gt (P,), labels (P,))``
+    with labels 1 (IoU >= high), 0 (IoU < low) and -1 (in between: ignored). With
+    ``allow_low_quality_matches``, each ground truth's best predictions (all ties) become positives even
+    below ``high`` (the Faster R-CNN paper's rule (i) for anchors).
+    """
+
+    def __init__(self, high: float, low: float, allow_low_quality_matches: bool = False):
+        if low > high:
+            raise ValueError(f"matcher low threshold {low} above high threshold {high}")
+        self.high, self.low, self.allow_low_quality_matches = high, low, allow_low_quality_matches
+
+    def match(self, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num_predictions = iou.shape[1]
+        if iou.shape[0] == 0:  # no ground truth: everything is background
+            zeros = torch.zeros(num_predictions, dtype=torch.int64, device=iou.device)
+            return zeros, zeros.clone()
+        best_iou, matched = iou.max(dim=0)
+        labels = torch.ones_like(matched)
+        labels[best_iou < self.high] = -1
+        labels[best_iou < self.low] = 0
+        if self.allow_low_quality_matches:
+            best_per_gt = iou.max(dim=1, keepdim=True).values
+            is_best = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=0)
+            labels[is_best] = 1
+        return matched, labels
+
+
+def sample_balanced(labels: torch.Tensor, batch_size: int, positive_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random positives (label 1) and negatives (label 0) for each row of ``labels`` (N, P), at most
+    ``batch_size`` per row of which at most ``positive_fraction`` positive (negatives fill the rest).
+
+    Batched over rows: a random key per element, ranked within positives and within negatives.
+    Returns boolean masks ``(positive (N, P), negative (N, P))``.
+    """
+    positive = labels == 1
+    negative = labels == 0
+    num_pos = positive.sum(dim=1).clamp(max=int(batch_size * positive_fraction))
+    num_neg = negative.sum(dim=1).clamp(max=batch_size - num_pos)
+    keys = torch.rand(labels.shape, device=labels.device)
+
+    def take(mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        ranked = torch.where(mask, keys, torch.full_like(keys, 2.0))  # candidates first, in random order
+        order = ranked.argsort(dim=1)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        return mask & (rank < count[:, None])
+
+    return take(positive, num_pos), take(negative, num_neg)

@@ -1,0 +1,191 @@
+"""Region Proposal Network (Ren et al., "Faster R-CNN", NeurIPS 2015), over one or several feature levels."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+from backbones import ShapeSpec
+
+from .anchors import AnchorGenerator
+from .boxes import BoxCoder, Matcher, box_loss, sample_balanced
+
+
+class RPNHead(nn.Module):
+    """Shared 3x3 conv + ReLU, then per anchor an objectness logit and four box deltas (1x1 convs)."""
+
+    def __init__(self, in_channels: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.objectness = nn.Conv2d(in_channels, num_anchors, 1)
+        self.deltas = nn.Conv2d(in_channels, num_anchors * 4, 1)
+        for layer in (self.conv, self.objectness, self.deltas):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = [], []
+        for x in features:
+            x = F.relu(self.conv(x))
+            logits.append(self.objectness(x))  # (N, A, H, W)
+            deltas.append(self.deltas(x))  # (N, A*4, H, W)
+        return logits, deltas
+
+
+def flatten_levels(logits: list[torch.Tensor], deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level ``(N, A, H, W)`` / ``(N, A*4, H, W)`` -> ``(N, sum H*W*A)`` / ``(N, sum H*W*A, 4)``, in the
+    anchors' order (cell-major, anchor-minor)."""
+    flat_logits, flat_deltas = [], []
+    for logit, delta in zip(logits, deltas):
+        n, a, h, w = logit.shape
+        flat_logits.append(logit.permute(0, 2, 3, 1).reshape(n, -1))
+        flat_deltas.append(delta.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+    return torch.cat(flat_logits, dim=1), torch.cat(flat_deltas, dim=1)
+
+
+class RPN(nn.Module):
+    """Proposals from anchors: objectness + box deltas, per-level top-k, clipping, small-box removal, NMS
+    (per level), top-k per image. In training also the losses: binary cross-entropy on a balanced sample
+    of anchors and a box loss on its positives.
+
+    Args:
+        input_shapes: ``output_shape()`` of the backbone (or FPN) it reads.
+        in_features: levels to read, e.g. ``["p2", ..., "p6"]`` or ``["res4"]``; all of equal channels.
+        anchor_sizes / aspect_ratios: per level (one entry is repeated for every level).
+        pre_nms_topk / post_nms_topk: ``(train, test)``; the first per level, the second per image.
+        crowd boxes of the targets (``iscrowd``) are ignored: anchors matched to them are neither positive
+        nor negative.
+    """
+
+    def __init__(
+        self,
+        input_shapes: dict[str, ShapeSpec],
+        in_features: Sequence[str],
+        anchor_sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,)),
+        aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),),
+        grid_stride: str = "declared",
+        iou_thresholds: tuple[float, float] = (0.3, 0.7),
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        pre_nms_topk: tuple[int, int] = (2000, 1000),
+        post_nms_topk: tuple[int, int] = (2000, 1000),
+        nms_thresh: float = 0.7,
+        min_size: float = 1e-3,
+        score_thresh: float = 0.0,
+        box_loss_type: str = "smooth_l1",
+        smooth_l1_beta: float = 1.0 / 9,
+        box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    ):
+        super().__init__()
+        missing = [f for f in in_features if f not in input_shapes]
+        if missing:
+            raise ValueError(f"RPN in_features {missing} are not among the backbone outputs {list(input_shapes)}")
+        channels = {input_shapes[f].channels for f in in_features}
+        if len(channels) != 1:
+            raise ValueError(f"RPN levels {list(in_features)} must have equal channels, got {channels}")
+        if len(aspect_ratios) == 1:
+            aspect_ratios = list(aspect_ratios) * len(in_features)
+        if len(anchor_sizes) == 1:
+            anchor_sizes = list(anchor_sizes) * len(in_features)
+        self.in_features = list(in_features)
+        self.anchor_generator = AnchorGenerator(
+            anchor_sizes, aspect_ratios, [input_shapes[f].stride for f in in_features], grid_stride
+        )
+        if len(set(self.anchor_generator.num_anchors)) != 1:
+            raise ValueError("every RPN level needs the same number of anchors per location (one shared head)")
+        self.head = RPNHead(channels.pop(), self.anchor_generator.num_anchors[0])
+        self.box_coder = BoxCoder(box_weights)
+        self.matcher = Matcher(iou_thresholds[1], iou_thresholds[0], allow_low_quality_matches=True)
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.pre_nms_topk, self.post_nms_topk = pre_nms_topk, post_nms_topk
+        self.nms_thresh, self.min_size, self.score_thresh = nms_thresh, min_size, score_thresh
+        self.box_loss_type, self.smooth_l1_beta = box_loss_type, smooth_l1_beta
+
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Proposals ``[(K_i, 4)]`` per image (detached) and, when ``targets`` are given, the losses."""
+        maps = [features[f] for f in self.in_features]
+        logits, deltas = self.head(maps)
+        padded_size = (maps[0].shape[-2] * self.anchor_generator.strides[0], maps[0].shape[-1] * self.anchor_generator.strides[0])
+        anchors = self.anchor_generator([tuple(m.shape[-2:]) for m in maps], padded_size)
+        per_level = [a.shape[0] for a in anchors]
+        all_anchors = torch.cat(anchors)  # (A_total, 4)
+        logits, deltas = flatten_levels(logits, deltas)  # (N, A_total), (N, A_total, 4)
+
+        boxes = self.box_coder.decode(deltas.detach(), all_anchors.unsqueeze(0)).view(len(image_sizes), -1, 4)
+        proposals = self.select_proposals(boxes, logits.detach(), image_sizes, per_level)
+        losses: dict[str, torch.Tensor] = {}
+        if targets is not None:
+            losses = self.losses(all_anchors, logits, deltas, targets)
+        return proposals, losses
+
+    def select_proposals(
+        self, boxes: torch.Tensor, logits: torch.Tensor, image_sizes: list[tuple[int, int]], per_level: list[int]
+    ) -> list[torch.Tensor]:
+        """Top-k per level (batched over images), then per image: clip, drop tiny and low-scoring boxes,
+        NMS within each level, keep the best ``post_nms_topk``."""
+        pre_k = self.pre_nms_topk[0 if self.training else 1]
+        post_k = self.post_nms_topk[0 if self.training else 1]
+        num_images = boxes.shape[0]
+        top_indices, top_levels = [], []
+        offset = 0
+        for level, count in enumerate(per_level):
+            k = min(pre_k, count)
+            _, index = logits[:, offset : offset + count].topk(k, dim=1)  # (N, k)
+            top_indices.append(index + offset)
+            top_levels.append(torch.full((k,), level, dtype=torch.int64, device=boxes.device))
+            offset += count
+        index = torch.cat(top_indices, dim=1)
+        levels = torch.cat(top_levels)
+        batch = torch.arange(num_images, device=boxes.device)[:, None]
+        scores = torch.sigmoid(logits[batch, index])  # (N, K)
+        boxes = boxes[batch, index]  # (N, K, 4)
+
+        proposals = []
+        for image_boxes, image_scores, size in zip(boxes, scores, image_sizes):
+            image_boxes = clip_boxes_to_image(image_boxes, size)
+            keep = remove_small_boxes(image_boxes, self.min_size)
+            image_boxes, image_scores, image_levels = image_boxes[keep], image_scores[keep], levels[keep]
+            keep = torch.where(image_scores >= self.score_thresh)[0]
+            image_boxes, image_scores, image_levels = image_boxes[keep], image_scores[keep], image_levels[keep]
+            keep = batched_nms(image_boxes, image_scores, image_levels, self.nms_thresh)[:post_k]
+            proposals.append(image_boxes[keep])
+        return proposals
+
+    def losses(
+        self,
+        anchors: torch.Tensor,
+        logits: torch.Tensor,
+        deltas: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        labels, matched_boxes = [], []
+        for target in targets:
+            gt = target["boxes"]
+            matched, image_labels = self.matcher.match(box_iou(gt, anchors))
+            if gt.shape[0] == 0:
+                matched_boxes.append(torch.zeros_like(anchors))
+            else:
+                matched_boxes.append(gt[matched])
+                if "iscrowd" in target:
+                    image_labels[target["iscrowd"][matched].bool() & (image_labels != 0)] = -1
+            labels.append(image_labels)
+        labels = torch.stack(labels)  # (N, A)
+        positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
+        num_sampled = (positive | negative).sum().clamp(min=1)
+
+        targets_deltas = self.box_coder.encode(torch.stack(matched_boxes)[positive], anchors.expand_as(deltas)[positive])
+        loss_box = box_loss(deltas[positive], targets_deltas, self.box_loss_type, self.smooth_l1_beta) / num_sampled
+        sampled = positive | negative
+        loss_objectness = F.binary_cross_entropy_with_logits(
+            logits[sampled], positive[sampled].to(logits.dtype), reduction="sum"
+        ) / num_sampled
+        return {"loss_rpn_objectness": loss_objectness, "loss_rpn_box": loss_box}

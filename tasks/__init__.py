@@ -1,0 +1,1 @@
+"""Tasks: detection and segmentation models assembled from backbones and heads, with their data."""

@@ -1,0 +1,200 @@
+"""Faster R-CNN assembled from a backbone (+ FPN), an RPN and RoI heads, built from a config dict."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from backbones import FPN, Backbone, build_backbone
+from backbones.build import check_keys
+from heads import FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler, RPN
+
+LAYOUTS = ("fpn", "c4", "dc5")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FasterRCNN(nn.Module):
+    """backbone -> RPN -> RoI heads, with pixel normalization and padding inside the model.
+
+    ``forward(images, targets=None, original_sizes=None)``:
+    - ``images``: a list of ``(3, H, W)`` RGB tensors, ``uint8`` in 0..255 or float in 0..1 (sizes may
+      differ; the batch is padded to the backbone's ``size_divisibility`` after normalization);
+    - training (``model.train()``): ``targets`` (per image ``boxes`` (G, 4) x1y1x2y2 in input pixels,
+      ``labels`` (G,) in 1..num_classes, optional ``iscrowd`` (G,)) are required; returns named losses;
+    - evaluation: returns per image ``{"boxes", "scores", "labels"}``; boxes are rescaled to
+      ``original_sizes`` ((h, w) per image) when given, else in input pixels.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        rpn: RPN,
+        roi_heads: RoIHeads,
+        pixel_mean: Sequence[float] = IMAGENET_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.roi_heads.num_classes
+
+    def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Normalize each image, then pad all to one ``(N, 3, H, W)`` batch (zeros, bottom and right)."""
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        divisor = max(self.backbone.size_divisibility, 1)
+        height = -(-max(h for h, _ in sizes) // divisor) * divisor
+        width = -(-max(w for _, w in sizes) // divisor) * divisor
+        device = self.pixel_mean.device
+        batch = torch.zeros((len(images), 3, height, width), device=device)
+        for i, img in enumerate(images):
+            img = img.to(device, non_blocking=True)
+            img = img.float() / 255 if img.dtype == torch.uint8 else img.float()
+            batch[i, :, : img.shape[-2], : img.shape[-1]] = (img - self.pixel_mean) / self.pixel_std
+        return batch, sizes
+
+    def forward(
+        self,
+        images: Sequence[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+    ):
+        if self.training and targets is None:
+            raise ValueError("FasterRCNN in training mode needs targets (call model.eval() for detections)")
+        batch, sizes = self.preprocess(images)
+        features = self.backbone(batch)
+        if self.training:
+            targets = [{k: v.to(batch.device) for k, v in t.items()} for t in targets]
+            proposals, rpn_losses = self.rpn(features, sizes, targets)
+            _, roi_losses = self.roi_heads(features, proposals, sizes, targets)
+            return {**rpn_losses, **roi_losses}
+        proposals, _ = self.rpn(features, sizes)
+        detections, _ = self.roi_heads(features, proposals, sizes)
+        if original_sizes is not None:
+            for det, size, original in zip(detections, sizes, original_sizes):
+                ratio_h, ratio_w = (torch.tensor(o, dtype=torch.float32) / torch.tensor(s, dtype=torch.float32)
+                                    for o, s in zip(original, size))
+                det["boxes"] = det["boxes"] * torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(det["boxes"].device)
+        return detections
+
+
+# Defaults per layout, merged under what a config gives. Values follow torchvision's and detectron2's
+# Faster R-CNN recipes.
+_FPN_ANCHORS = {"sizes": [[32], [64], [128], [256], [512]], "aspect_ratios": [[0.5, 1.0, 2.0]], "grid_stride": "declared"}
+_C4_ANCHORS = {"sizes": [[32, 64, 128, 256, 512]], "aspect_ratios": [[0.5, 1.0, 2.0]], "grid_stride": "declared"}
+DEFAULTS: dict[str, Any] = {
+    "layout": "fpn",
+    "num_classes": 80,
+    "pixel_mean": list(IMAGENET_MEAN),
+    "pixel_std": list(IMAGENET_STD),
+    "backbone": {"name": "resnet", "depth": 50, "stride_in_1x1": False, "norm": "FrozenBN", "freeze_at": 2},
+    "fpn": {"out_channels": 256, "top_block": "maxpool"},
+    "anchors": None,  # per layout
+    "rpn": {
+        "iou_thresholds": [0.3, 0.7],
+        "batch_size_per_image": 256,
+        "positive_fraction": 0.5,
+        "pre_nms_topk": [2000, 1000],
+        "post_nms_topk": [2000, 1000],
+        "nms_thresh": 0.7,
+        "min_size": 1e-3,
+        "score_thresh": 0.0,
+        "box_loss_type": "smooth_l1",
+        "smooth_l1_beta": 1.0 / 9,
+    },
+    "roi_heads": {
+        "pooler_resolution": None,  # 7 (FPN, DC5), 14 (C4)
+        "sampling_ratio": 2,
+        "aligned": True,
+        "num_fc": 2,
+        "fc_dim": 1024,
+        "fg_iou": 0.5,
+        "bg_iou": 0.5,
+        "batch_size_per_image": 512,
+        "positive_fraction": 0.25,
+        "box_weights": [10.0, 10.0, 5.0, 5.0],
+        "score_thresh": 0.05,
+        "nms_thresh": 0.5,
+        "detections_per_image": 100,
+        "box_loss_type": "smooth_l1",
+        "smooth_l1_beta": 1.0 / 9,
+    },
+}
+
+
+def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    given = dict(given or {})
+    check_keys(given, tuple(defaults), where)
+    return {**defaults, **given}
+
+
+def build_detector(config: Mapping[str, Any]) -> FasterRCNN:
+    """Build a ``FasterRCNN`` from the ``model`` section of a config (see ``DEFAULTS`` for the keys).
+
+    ``layout`` chooses the head: ``fpn`` (the backbone's res2..res5 feed an FPN; RPN on p2..p6; RoIAlign
+    7x7 over p2..p5; two fc layers), ``c4`` (the paper's: RPN and RoIAlign 14x14 on res4, res5 as the box
+    head) or ``dc5`` (res5 dilated to stride 16 feeds RPN and a 7x7 RoIAlign; two fc layers). The
+    backbone's ``out_features`` (and, for dc5, ``output_stride``) follow from the layout.
+    """
+    top = _merged(DEFAULTS, config, "model")
+    layout = top["layout"]
+    if layout not in LAYOUTS:
+        raise ValueError(f"model.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    backbone_cfg = copy.deepcopy(dict(top["backbone"]))
+    if "out_features" in backbone_cfg:
+        raise ValueError("model.backbone.out_features follows from model.layout; remove it from the config")
+    backbone_cfg["out_features"] = {"fpn": ["res2", "res3", "res4", "res5"], "c4": ["res4", "res5"], "dc5": ["res5"]}[layout]
+    if layout == "dc5":
+        backbone_cfg["output_stride"] = 16
+    backbone = build_backbone(backbone_cfg, where="model.backbone")
+
+    rpn_cfg = _merged(DEFAULTS["rpn"], config.get("rpn"), "model.rpn")
+    roi_cfg = _merged(DEFAULTS["roi_heads"], config.get("roi_heads"), "model.roi_heads")
+    anchors = _merged(_FPN_ANCHORS if layout == "fpn" else _C4_ANCHORS, config.get("anchors"), "model.anchors")
+    pooler_resolution = roi_cfg.pop("pooler_resolution") or (14 if layout == "c4" else 7)
+    pooler_kwargs = {k: roi_cfg.pop(k) for k in ("sampling_ratio", "aligned")}
+    num_fc, fc_dim = roi_cfg.pop("num_fc"), roi_cfg.pop("fc_dim")
+
+    if layout == "fpn":
+        fpn_cfg = _merged(DEFAULTS["fpn"], config.get("fpn"), "model.fpn")
+        backbone = FPN(backbone, ["res2", "res3", "res4", "res5"], **fpn_cfg)
+        shapes = backbone.output_shape()
+        rpn_features = list(shapes)
+        roi_features = [f for f in shapes if f != list(shapes)[-1]] if fpn_cfg["top_block"] != "none" else list(shapes)
+        box_head: nn.Module = FCBoxHead(shapes[roi_features[0]].channels, pooler_resolution, num_fc, fc_dim)
+    elif layout == "c4":
+        res5_shape = backbone.output_shape()["res5"]
+        res5 = backbone.pop_stage("res5")
+        shapes = backbone.output_shape()
+        rpn_features = roi_features = ["res4"]
+        box_head = Res5BoxHead(res5, res5_shape.channels)
+    else:
+        shapes = backbone.output_shape()
+        rpn_features = roi_features = ["res5"]
+        box_head = FCBoxHead(shapes["res5"].channels, pooler_resolution, num_fc, fc_dim)
+
+    rpn = RPN(
+        shapes,
+        rpn_features,
+        anchor_sizes=anchors["sizes"],
+        aspect_ratios=anchors["aspect_ratios"],
+        grid_stride=anchors["grid_stride"],
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in rpn_cfg.items()},
+    )
+    pooler = RoIPooler([shapes[f].stride for f in roi_features], pooler_resolution, **pooler_kwargs)
+    roi_heads = RoIHeads(
+        shapes,
+        roi_features,
+        box_head,
+        pooler,
+        top["num_classes"],
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in roi_cfg.items()},
+    )
+    return FasterRCNN(backbone, rpn, roi_heads, top["pixel_mean"], top["pixel_std"])
