@@ -160,13 +160,12 @@ class RPN(nn.Module):
             proposals.append(image_boxes[keep])
         return proposals
 
-    def losses(
-        self,
-        anchors: torch.Tensor,
-        logits: torch.Tensor,
-        deltas: torch.Tensor,
-        targets: list[dict[str, torch.Tensor]],
-    ) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def label_anchors(
+        self, anchors: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image and anchor: label (1 object, 0 background, -1 ignored: between the IoU thresholds or
+        matched to a crowd box) and the matched ground-truth box. ``(N, A)``, ``(N, A, 4)``."""
         labels, matched_boxes = [], []
         for target in targets:
             gt = target["boxes"]
@@ -178,13 +177,21 @@ class RPN(nn.Module):
                 if "iscrowd" in target:
                     image_labels[target["iscrowd"][matched].bool() & (image_labels != 0)] = -1
             labels.append(image_labels)
-        labels = torch.stack(labels)  # (N, A)
-        positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
-        num_sampled = (positive | negative).sum().clamp(min=1)
+        return torch.stack(labels), torch.stack(matched_boxes)
 
-        targets_deltas = self.box_coder.encode(torch.stack(matched_boxes)[positive], anchors.expand_as(deltas)[positive])
-        loss_box = box_loss(deltas[positive], targets_deltas, self.box_loss_type, self.smooth_l1_beta) / num_sampled
+    def losses(
+        self,
+        anchors: torch.Tensor,
+        logits: torch.Tensor,
+        deltas: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        labels, matched_boxes = self.label_anchors(anchors, targets)
+        positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
         sampled = positive | negative
+        num_sampled = sampled.sum().clamp(min=1)
+        target_deltas = self.box_coder.encode(matched_boxes[positive], anchors.expand_as(deltas)[positive])
+        loss_box = box_loss(deltas[positive], target_deltas, self.box_loss_type, self.smooth_l1_beta) / num_sampled
         loss_objectness = F.binary_cross_entropy_with_logits(
             logits[sampled], positive[sampled].to(logits.dtype), reduction="sum"
         ) / num_sampled

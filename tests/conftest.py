@@ -18,3 +18,17 @@ def randomize_(module: torch.nn.Module) -> torch.nn.Module:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
     return module
+
+
+def randomize_frozen_(module: torch.nn.Module) -> torch.nn.Module:
+    """``randomize_`` for torchvision's FrozenBatchNorm2d (buffers only)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return module

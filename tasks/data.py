@@ -1,0 +1,104 @@
+"""Data glue shared by the tasks: image decoding, the shortest-edge resize, aspect-ratio grouped batches."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+from torchvision.io import ImageReadMode, decode_image
+
+
+def read_image(path: str | Path, image_id: int | str | None = None) -> np.ndarray:
+    """RGB ``uint8`` array ``(H, W, 3)`` decoded by torchvision's libjpeg-turbo / libpng decoders.
+
+    Grayscale, palette and CMYK images come out as RGB. A missing or undecodable file is an error naming
+    the file and the image id.
+    """
+    path = Path(path)
+    where = f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {where}; check data.root and the image folder")
+    data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"cannot decode image {where}: {error}") from error
+    return image.permute(1, 2, 0).numpy()
+
+
+def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+    """Output size when the shorter side becomes ``short`` unless the longer would pass ``max_size``."""
+    scale = min(short / min(height, width), max_size / max(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+class ShortestEdgeResize(A.DualTransform):
+    """Resize so that the shorter side is one of ``short_sizes`` (drawn at random) and the longer side is
+    at most ``max_size``, keeping the aspect ratio. Masks use nearest-neighbour interpolation; boxes
+    (kept normalized by albumentations) follow the image."""
+
+    def __init__(self, short_sizes: Sequence[int], max_size: int, p: float = 1.0):
+        super().__init__(p=p)
+        self.short_sizes = list(short_sizes)
+        self.max_size = max_size
+
+    def get_params_dependent_on_data(self, params, data):
+        height, width = params["shape"][:2]
+        short = self.py_random.choice(self.short_sizes)
+        return {"size": shortest_edge_size(height, width, short, self.max_size)}
+
+    def apply(self, img: np.ndarray, size: tuple[int, int], **params) -> np.ndarray:
+        return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params) -> np.ndarray:
+        return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, **params) -> np.ndarray:
+        return bboxes  # normalized coordinates do not change under a resize
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("short_sizes", "max_size")
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches whose images share an aspect-ratio group (landscape or portrait), so padding wastes little.
+
+    Draws indices from ``sampler`` in its order and emits a batch as soon as one group has
+    ``batch_size`` of them; leftovers at the end of an epoch are emitted unless ``drop_last``.
+    """
+
+    def __init__(self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int, drop_last: bool = False):
+        self.sampler, self.group_ids, self.batch_size, self.drop_last = sampler, list(group_ids), batch_size, drop_last
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buffers: dict[int, list[int]] = {}
+        for index in self.sampler:
+            buffer = buffers.setdefault(self.group_ids[index], [])
+            buffer.append(index)
+            if len(buffer) == self.batch_size:
+                yield buffer[:]
+                buffer.clear()
+        if not self.drop_last:
+            leftovers = [i for buffer in buffers.values() for i in buffer]
+            for start in range(0, len(leftovers), self.batch_size):
+                yield leftovers[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        counts: dict[int, int] = {}
+        for index in self.sampler:
+            counts[self.group_ids[index]] = counts.get(self.group_ids[index], 0) + 1
+        full = sum(c // self.batch_size for c in counts.values())
+        leftover = sum(c % self.batch_size for c in counts.values())
+        return full if self.drop_last else full + -(-leftover // self.batch_size)
+
+
+def seed_worker(worker_id: int) -> None:  # pragma: no cover - runs in loader workers
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

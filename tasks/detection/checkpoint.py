@@ -1,0 +1,85 @@
+"""Load detector weights: this project's own checkpoints or torchvision's Faster R-CNN checkpoints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from backbones.weights import _map_torchvision_key, read_checkpoint
+
+from .model import FasterRCNN
+
+
+def _map_torchvision_detection_key(key: str) -> str | None:
+    """torchvision ``fasterrcnn_resnet50_fpn`` key -> this project's FPN Faster R-CNN key."""
+    if key.startswith("backbone.body."):
+        mapped = _map_torchvision_key(key[len("backbone.body."):])
+        return f"backbone.bottom_up.{mapped}" if mapped else None
+    rules = [
+        (r"^backbone\.fpn\.inner_blocks\.(\d+)\.0\.(weight|bias)$", r"backbone.lateral_convs.\1.\2"),
+        (r"^backbone\.fpn\.layer_blocks\.(\d+)\.0\.(weight|bias)$", r"backbone.output_convs.\1.\2"),
+        # older torchvision releases stored FPN convs without the ".0"
+        (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(weight|bias)$", r"backbone.lateral_convs.\1.\2"),
+        (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(weight|bias)$", r"backbone.output_convs.\1.\2"),
+        (r"^rpn\.head\.conv\.0\.0\.(weight|bias)$", r"rpn.head.conv.\1"),
+        (r"^rpn\.head\.conv\.(weight|bias)$", r"rpn.head.conv.\1"),
+        (r"^rpn\.head\.cls_logits\.(weight|bias)$", r"rpn.head.objectness.\1"),
+        (r"^rpn\.head\.bbox_pred\.(weight|bias)$", r"rpn.head.deltas.\1"),
+        (r"^roi_heads\.box_head\.fc6\.(weight|bias)$", r"roi_heads.box_head.fcs.0.\1"),
+        (r"^roi_heads\.box_head\.fc7\.(weight|bias)$", r"roi_heads.box_head.fcs.1.\1"),
+        (r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", r"roi_heads.predictor.\1.\2"),
+    ]
+    for pattern, replacement in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
+def detect_detector_format(state: dict[str, torch.Tensor]) -> str:
+    if any(k.startswith("backbone.body.") for k in state) and any(k.startswith("roi_heads.box_predictor.") for k in state):
+        return "torchvision-detection"
+    return "native"
+
+
+def load_detector_weights(model: FasterRCNN, path: str | Path) -> str:
+    """Load a checkpoint file into ``model`` strictly; returns the detected format.
+
+    Accepts this project's checkpoints (``model.safetensors`` of a run, or a state dict) and torchvision's
+    ``fasterrcnn_resnet50_fpn`` checkpoints (e.g. ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``).
+    """
+    state = read_checkpoint(path)
+    fmt = detect_detector_format(state)
+    if fmt == "torchvision-detection":
+        mapped, unexpected = {}, []
+        for key, tensor in state.items():
+            new_key = _map_torchvision_detection_key(key)
+            if new_key is None:
+                if not key.endswith("num_batches_tracked"):
+                    unexpected.append(key)
+            else:
+                mapped[new_key] = tensor
+        state = mapped
+    else:
+        unexpected = []
+    own = model.state_dict()
+    unexpected += [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    mis_shaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mis_shaped:
+        def listing(title: str, items: list[str]) -> str:
+            shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+            return f"\n  {title} ({len(items)}): {shown}" if items else ""
+
+        raise ValueError(
+            f"weights {path} ({fmt} format) do not match the configured detector:"
+            + listing("missing from the checkpoint", missing)
+            + listing("unexpected in the checkpoint", unexpected)
+            + listing("shape mismatch", mis_shaped)
+            + ("\n  (is model.num_classes right? torchvision's COCO detectors have 90 classes + background)"
+               if any("predictor" in m for m in mis_shaped) else "")
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return fmt
