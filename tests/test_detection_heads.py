@@ -1,0 +1,97 @@
+"""Anchors, box coding, matching and sampling on hand-made cases (and against torchvision's own)."""
+
+import pytest
+import torch
+from torchvision.models.detection import _utils as tv_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+from heads import AnchorGenerator, BoxCoder, Matcher, sample_balanced
+
+
+def test_base_anchors_by_hand():
+    # size 32: ratio 0.5 -> w = 32 * sqrt(2) = 45.25, h = 22.63 (halved and rounded: 23, 11)
+    base = AnchorGenerator.base_anchors([32], [0.5, 1.0, 2.0])
+    assert base.tolist() == [[-23, -11, 23, 11], [-16, -16, 16, 16], [-11, -23, 11, 23]]
+
+
+def test_anchor_grid_by_hand():
+    generator = AnchorGenerator([[32]], [[1.0]], strides=[16])
+    (anchors,) = generator([(2, 3)], (32, 48))
+    assert anchors.shape == (6, 4)
+    assert anchors[0].tolist() == [-16, -16, 16, 16]
+    assert anchors[1].tolist() == [0, -16, 32, 16]  # next cell to the right
+    assert anchors[3].tolist() == [-16, 0, 16, 32]  # next row
+
+
+@pytest.mark.parametrize("image_size", [(480, 640), (800, 1088)])
+def test_anchors_equal_torchvision(image_size):
+    sizes, ratios = ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5
+    strides = [4, 8, 16, 32, 64]
+    feature_sizes = [(-(-image_size[0] // s), -(-image_size[1] // s)) for s in strides]
+    ours = torch.cat(AnchorGenerator(sizes, ratios, strides, grid_stride="padded_image")(feature_sizes, image_size))
+    images = ImageList(torch.zeros(1, 3, *image_size), [image_size])
+    features = [torch.zeros(1, 1, h, w) for h, w in feature_sizes]
+    (reference,) = TorchvisionAnchorGenerator(sizes, ratios)(images, features)
+    assert torch.equal(ours, reference)
+    declared = torch.cat(AnchorGenerator(sizes, ratios, strides)(feature_sizes, image_size))
+    assert torch.equal(declared[: -feature_sizes[-1][0] * feature_sizes[-1][1] * 3], reference[: len(declared) - feature_sizes[-1][0] * feature_sizes[-1][1] * 3])
+
+
+def test_box_coding_by_hand_and_round_trip():
+    reference = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    box = torch.tensor([[5.0, 5.0, 15.0, 25.0]])
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    deltas = coder.encode(box, reference)
+    expected = torch.tensor([[10 * 0.5, 10 * 1.0, 5 * 0.0, 5 * torch.log(torch.tensor(2.0)).item()]])
+    assert torch.allclose(deltas, expected)
+    assert torch.allclose(coder.decode(deltas, reference), box)
+    boxes = torch.rand(50, 4) * 100
+    boxes[:, 2:] += boxes[:, :2] + 1
+    refs = torch.rand(50, 4) * 100
+    refs[:, 2:] += refs[:, :2] + 1
+    assert torch.allclose(coder.decode(coder.encode(boxes, refs), refs), boxes, atol=1e-3)
+    tv = tv_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+    assert torch.allclose(coder.encode(boxes, refs), tv.encode_single(boxes, refs), atol=1e-6)
+    multi = torch.randn(50, 3 * 4)
+    assert torch.equal(coder.decode(multi, refs), tv.decode_single(multi, refs))
+
+
+def test_decode_clamps_huge_scales():
+    decoded = BoxCoder().decode(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
+    assert decoded[0, 2] - decoded[0, 0] == pytest.approx(1000.0, rel=1e-4)
+
+
+def test_matcher_by_hand():
+    iou = torch.tensor([[0.9, 0.5, 0.1, 0.2, 0.0], [0.1, 0.65, 0.25, 0.0, 0.0]])
+    matched, labels = Matcher(0.7, 0.3).match(iou)
+    assert labels.tolist() == [1, -1, 0, 0, 0]
+    assert matched[:2].tolist() == [0, 1]
+    matched, labels = Matcher(0.7, 0.3, allow_low_quality_matches=True).match(iou)
+    assert labels.tolist() == [1, 1, 0, 0, 0]  # prediction 1 is ground truth 1's best
+    assert matched[1] == 1
+    matched, labels = Matcher(0.7, 0.3).match(torch.zeros(0, 4))
+    assert labels.tolist() == [0, 0, 0, 0]
+
+
+def test_matcher_agrees_with_torchvision():
+    iou = torch.rand(7, 300)
+    ours_matched, ours_labels = Matcher(0.7, 0.3, True).match(iou)
+    reference = tv_utils.Matcher(0.7, 0.3, True)(iou)
+    assert torch.equal(ours_labels == 1, reference >= 0)
+    assert torch.equal(ours_matched[ours_labels == 1], reference[reference >= 0])
+    assert torch.equal(ours_labels == -1, reference == -2)
+
+
+def test_sampler_balances_and_caps():
+    labels = torch.full((3, 200), -1)
+    labels[0, :10], labels[0, 10:110] = 1, 0  # plenty of both
+    labels[1, :2], labels[1, 2:102] = 1, 0  # few positives: negatives fill up
+    labels[2, :50], labels[2, 50:55] = 1, 0  # few negatives
+    positive, negative = sample_balanced(labels, 16, 0.25)
+    assert positive.sum(1).tolist() == [4, 2, 4]
+    assert negative.sum(1).tolist() == [12, 14, 5]
+    assert (labels[positive] == 1).all() and (labels[negative] == 0).all()
+    assert not (positive & negative).any()
+    again, _ = sample_balanced(labels, 16, 0.25)
+    assert not torch.equal(again[0], positive[0]) or not torch.equal(again[2], positive[2])  # random draws

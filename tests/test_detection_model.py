@@ -1,0 +1,171 @@
+"""Faster R-CNN: torchvision equivalence on real photos, empty images, crowd regions, every layout and
+depth builds, and a tiny detector overfits a few images."""
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from conftest import randomize_frozen_
+from tasks.detection import build_detector
+from tasks.detection.checkpoint import load_detector_weights
+from tasks.detection.data import CocoDetection, detection_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+TINYCOCO = ROOT.parent / "shared" / "data" / "tinycoco"
+TINY = {
+    "backbone": {"name": "resnet", "depth": 18, "stride_in_1x1": False, "norm": "BN", "freeze_at": 0},
+    "rpn": {"batch_size_per_image": 64, "pre_nms_topk": [300, 300], "post_nms_topk": [100, 100]},
+    "roi_heads": {"batch_size_per_image": 64, "fc_dim": 256},
+}
+
+
+def tiny_detector(layout: str, num_classes: int = 3, **overrides):
+    return build_detector({"layout": layout, "num_classes": num_classes, **TINY, **overrides})
+
+
+def test_torchvision_fasterrcnn_equivalence(tmp_path):
+    """torchvision's fasterrcnn_resnet50_fpn and ours, same random weights (loaded from torchvision's
+    checkpoint format), same real photos at torchvision's test scale: same detections."""
+    torch.manual_seed(0)
+    body = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    reference = torchvision.models.detection.FasterRCNN(
+        _resnet_fpn_extractor(body, 3), num_classes=91, min_size=480, max_size=1333, box_score_thresh=0.0
+    )
+    randomize_frozen_(reference).eval()
+    torch.save(reference.state_dict(), tmp_path / "fasterrcnn.pth")
+
+    config = yaml.safe_load(open(ROOT / "configs" / "frcnn_r50_fpn_torchvision.yaml"))["model"]
+    config["roi_heads"]["score_thresh"] = 0.0
+    ours = build_detector(config).eval()
+    assert load_detector_weights(ours, tmp_path / "fasterrcnn.pth") == "torchvision-detection"
+
+    files = sorted(glob.glob(str(TINYCOCO / "images" / "val2017" / "*.jpg")))[:3]
+    images = []
+    for path in files:  # bring each photo to the test scale (shorter side 480) beforehand
+        image = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+        h, w = image.shape[-2:]
+        images.append(torchvision.transforms.functional.resize(image, [480, round(w * 480 / h)] if h <= w else [round(h * 480 / w), 480]))
+    with torch.no_grad():
+        expected = reference([i.float() / 255 for i in images])
+        got = ours(images, original_sizes=[tuple(i.shape[-2:]) for i in images])
+    for e, g in zip(expected, got):
+        assert len(g["boxes"]) == len(e["boxes"]) > 10
+        assert torch.equal(g["labels"][:100], e["labels"][:100])
+        assert (g["boxes"][:100] - e["boxes"][:100]).abs().max() <= 0.01
+        assert (g["scores"][:100] - e["scores"][:100]).abs().max() <= 1e-4
+
+
+def test_checkpoint_mismatch_is_explained(tmp_path):
+    reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    torch.save(reference.state_dict(), tmp_path / "fasterrcnn.pth")
+    config = yaml.safe_load(open(ROOT / "configs" / "frcnn_r50_fpn_torchvision.yaml"))["model"]
+    config["num_classes"] = 80
+    with pytest.raises(ValueError, match="num_classes"):
+        load_detector_weights(build_detector(config), tmp_path / "fasterrcnn.pth")
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
+def test_image_without_boxes_trains_with_zero_box_loss(layout):
+    model = tiny_detector(layout).train()
+    images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)]
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model(images, empty)
+    assert losses["loss_rpn_box"].item() == 0 and losses["loss_box"].item() == 0
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_crowd_boxes_are_ignored_by_the_rpn():
+    model = tiny_detector("fpn")
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [100.0, 100.0, 132.0, 132.0], [300.0, 300.0, 310.0, 310.0]])
+    target = {"boxes": torch.tensor([[0.0, 0.0, 32.0, 32.0], [100.0, 100.0, 132.0, 132.0]]),
+              "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([False, True])}
+    labels, matched = model.rpn.label_anchors(anchors, [target])
+    assert labels.tolist() == [[1, -1, 0]]
+
+
+def test_crowd_boxes_are_ignored_by_the_roi_heads():
+    model = tiny_detector("fpn")
+    proposals = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [100.0, 100.0, 131.0, 131.0], [300.0, 300.0, 310.0, 310.0]])]
+    target = {"boxes": torch.tensor([[1.0, 1.0, 32.0, 32.0], [100.0, 100.0, 132.0, 132.0]]),
+              "labels": torch.tensor([3, 2]), "iscrowd": torch.tensor([False, True])}
+    sampled, labels, _ = model.roi_heads.sample_proposals(proposals, [target])
+    by_box = {tuple(b.tolist()): int(l) for b, l in zip(sampled[0], labels)}
+    assert by_box[(0.0, 0.0, 32.0, 32.0)] == 3
+    assert (100.0, 100.0, 131.0, 131.0) not in by_box  # matched to the crowd box: neither fg nor bg
+    assert by_box[(300.0, 300.0, 310.0, 310.0)] == 0
+    assert (100.0, 100.0, 132.0, 132.0) not in by_box  # crowd boxes are not added as proposals
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_every_layout_builds_for_every_depth(layout, depth):
+    with torch.device("meta"):
+        model = build_detector({"layout": layout, "backbone": {"name": "resnet", "depth": depth, "stride_in_1x1": False}})
+    expected_features = {"fpn": ["p2", "p3", "p4", "p5", "p6"], "c4": ["res4"], "dc5": ["res5"]}[layout]
+    assert model.rpn.in_features == expected_features
+    if layout == "c4":
+        assert not hasattr(model.backbone, "res5") and model.roi_heads.box_head.out_channels == (2048 if depth >= 50 else 512)
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
+def test_timm_backbone_in_every_layout(layout):
+    model = build_detector({"layout": layout, "num_classes": 2, **{**TINY, "backbone": {"name": "timm", "model": "resnet18"}}})
+    model.train()
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([1])}]
+    losses = model([torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)], targets)
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        (detections,) = model([torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)], original_sizes=[(192, 256)])
+    assert detections["boxes"].shape[1] == 4 and detections["boxes"][:, 2].max() <= 256
+
+
+def test_detector_config_errors_name_the_key():
+    with pytest.raises(KeyError, match="model.rpn.nms_thresold"):
+        build_detector({"rpn": {"nms_thresold": 0.5}})
+    with pytest.raises(ValueError, match="layout"):
+        build_detector({"layout": "c5"})
+    with pytest.raises(ValueError, match="out_features"):
+        build_detector({"backbone": {"name": "resnet", "depth": 18, "out_features": ["res5"]}})
+
+
+def test_boxes_are_rescaled_to_the_original_size():
+    model = tiny_detector("fpn").eval()
+    image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        (small,) = model([image])
+        (scaled,) = model([image], original_sizes=[(128, 192)])
+    assert torch.allclose(scaled["boxes"], small["boxes"] * 2)
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
+def test_tiny_detector_overfits_a_few_real_images(layout):
+    torch.manual_seed(0)
+    dataset = CocoDetection(
+        TINYCOCO / "annotations" / "instances_val2017.json",
+        TINYCOCO / "images" / "val2017",
+        detection_transform(False, (128,), 192),
+        train=True,
+    )
+    items = [dataset[0], dataset[1]]
+    images = [image for image, _ in items]
+    targets = [{k: t[k] for k in ("boxes", "labels", "iscrowd")} for _, t in items]
+    # C4 runs res5 on every sampled region: fewer, smaller regions keep the test short
+    c4 = {"roi_heads": {"batch_size_per_image": 32, "fc_dim": 256, "pooler_resolution": 8}} if layout == "c4" else {}
+    model = tiny_detector(layout, num_classes=dataset.num_classes, **c4).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(60):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert sum(history[-5:]) / 5 < history[0] / 4, (layout, history)
