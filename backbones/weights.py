@@ -44,7 +44,7 @@ class LoadReport:
         )
 
 
-def _map_torchvision_key(key: str) -> str | None:
+def map_torchvision_resnet_key(key: str) -> str | None:
     """torchvision/timm ResNet key -> this project's ResNet key (None: not a ResNet backbone key)."""
     if m := re.match(r"^conv1\.(.*)$", key):
         return f"stem.conv.{m[1]}"
@@ -207,7 +207,7 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], sour
         elif fmt == "timm":
             new_key, module = _map_timm_key(key, model)
         elif fmt == "torchvision-resnet" and isinstance(model, ResNet):
-            new_key = _map_torchvision_key(key)
+            new_key = map_torchvision_resnet_key(key)
             module = new_key.split(".")[0] if new_key else None
         else:
             raise ValueError(f"{fmt} weights from {source} cannot be loaded into a {type(model).__name__}")
@@ -220,11 +220,25 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], sour
 
     if isinstance(model, ResNet) and fmt == "torchvision-resnet":
         _check_resnet_layout(model, source)
-    missing = [k for k in own if k not in mapped and not k.endswith(_OPTIONAL_SUFFIX)]
+    report.loaded = strict_load(model, mapped, source, fmt, unexpected)
+    logger.info("%s", report)
+    return report
+
+
+def strict_load(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, fmt: str, unexpected: list[str] = (), hint: str = ""
+) -> int:
+    """Load ``state`` (already in ``model``'s names) into ``model`` if it provides every tensor with the
+    right shape and ``unexpected`` (checkpoint keys that could not be placed) is empty; otherwise raise
+    listing what is missing, unexpected and mis-shaped. BatchNorm's ``num_batches_tracked`` is optional
+    on both sides. Returns the number of tensors loaded."""
+    own = model.state_dict()
+    unexpected = list(unexpected) + [k for k in state if k not in own and not k.endswith(_OPTIONAL_SUFFIX)]
+    missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL_SUFFIX)]
     mis_shaped = [
-        f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in mapped
-        if mapped[k].shape != own[k].shape
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
     ]
     if missing or unexpected or mis_shaped:
         def listing(title: str, items: list[str]) -> str:
@@ -236,8 +250,8 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], sour
             + listing("missing from the checkpoint", missing)
             + listing("unexpected in the checkpoint", unexpected)
             + listing("shape mismatch", mis_shaped)
+            + (f"\n  {hint}" if hint and mis_shaped else "")
         )
-    model.load_state_dict(mapped, strict=False)
-    report.loaded = len(mapped)
-    logger.info("%s", report)
-    return report
+    loadable = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(loadable, strict=False)
+    return len(loadable)

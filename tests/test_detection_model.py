@@ -2,6 +2,7 @@
 depth builds, and a tiny detector overfits a few images."""
 
 import glob
+import json
 from pathlib import Path
 
 import pytest
@@ -29,15 +30,21 @@ def tiny_detector(layout: str, num_classes: int = 3, **overrides):
     return build_detector({"layout": layout, "num_classes": num_classes, **TINY, **overrides})
 
 
+def torchvision_reference(seed: int, min_size: int = 480) -> torchvision.models.detection.FasterRCNN:
+    """torchvision's fasterrcnn_resnet50_fpn layout (FrozenBN, 3 trainable stages) with random weights and
+    random norm statistics, no score threshold."""
+    torch.manual_seed(seed)
+    body = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    reference = torchvision.models.detection.FasterRCNN(
+        _resnet_fpn_extractor(body, 3), num_classes=91, min_size=min_size, max_size=1333, box_score_thresh=0.0
+    )
+    return randomize_frozen_(reference).eval()
+
+
 def test_torchvision_fasterrcnn_equivalence(tmp_path):
     """torchvision's fasterrcnn_resnet50_fpn and ours, same random weights (loaded from torchvision's
     checkpoint format), same real photos at torchvision's test scale: same detections."""
-    torch.manual_seed(0)
-    body = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
-    reference = torchvision.models.detection.FasterRCNN(
-        _resnet_fpn_extractor(body, 3), num_classes=91, min_size=480, max_size=1333, box_score_thresh=0.0
-    )
-    randomize_frozen_(reference).eval()
+    reference = torchvision_reference(0)
     torch.save(reference.state_dict(), tmp_path / "fasterrcnn.pth")
 
     config = yaml.safe_load(open(ROOT / "configs" / "frcnn_r50_fpn_torchvision.yaml"))["model"]
@@ -169,3 +176,36 @@ def test_tiny_detector_overfits_a_few_real_images(layout):
         optimizer.step()
         history.append(loss.item())
     assert sum(history[-5:]) / 5 < history[0] / 4, (layout, history)
+
+
+def test_infer_tool_reproduces_torchvision_from_its_checkpoint(tmp_path):
+    """tools/infer.py with the torchvision config and a torchvision checkpoint file writes the detections
+    torchvision's model gives for the same photos (at the test scale), in COCO results format."""
+    from tools.infer import main
+
+    reference = torchvision_reference(1)
+    torch.save(reference.state_dict(), tmp_path / "fasterrcnn_resnet50_fpn_coco.pth")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = {}
+    for path in sorted(glob.glob(str(TINYCOCO / "images" / "train2017" / "*.jpg")))[:2]:
+        image = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+        h, w = image.shape[-2:]
+        image = torchvision.transforms.functional.resize(image, [480, round(w * 480 / h)] if h <= w else [round(h * 480 / w), 480])
+        name = Path(path).stem + ".png"  # lossless, so both sides read the same pixels
+        torchvision.io.write_png(image, str(folder / name))
+        images[name] = image
+    assert main([str(ROOT / "configs" / "frcnn_r50_fpn_torchvision.yaml"), "--weights", str(tmp_path / "fasterrcnn_resnet50_fpn_coco.pth"),
+                 "--input", str(folder), "--output", str(tmp_path / "out"), "data.min_size_test=480",
+                 "model.roi_heads.score_thresh=0.0"]) == 0
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    with torch.no_grad():  # one image at a time, as the tool runs them (padding a batch changes borders)
+        expected = [reference([i.float() / 255])[0] for i in images.values()]
+    for name, e in zip(images, expected):
+        got = [p for p in predictions if p["file_name"] == name]
+        assert len(got) == len(e["boxes"]) > 10 and got[0]["image_id"] == int(Path(name).stem)
+        assert [p["category_id"] for p in got] == e["labels"].tolist()
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in got)])
+        assert (boxes - e["boxes"]).abs().max() <= 0.01
+        assert (torch.tensor([p["score"] for p in got]) - e["scores"]).abs().max() <= 1e-4
+        assert (tmp_path / "out" / (Path(name).stem + ".png")).is_file()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from backbones.weights import _map_torchvision_key, read_checkpoint
+from backbones.weights import map_torchvision_resnet_key, read_checkpoint, strict_load
 
 from .model import FasterRCNN
 
@@ -15,7 +15,7 @@ from .model import FasterRCNN
 def _map_torchvision_detection_key(key: str) -> str | None:
     """torchvision ``fasterrcnn_resnet50_fpn`` key -> this project's FPN Faster R-CNN key."""
     if key.startswith("backbone.body."):
-        mapped = _map_torchvision_key(key[len("backbone.body."):])
+        mapped = map_torchvision_resnet_key(key[len("backbone.body."):])
         return f"backbone.bottom_up.{mapped}" if mapped else None
     rules = [
         (r"^backbone\.fpn\.inner_blocks\.(\d+)\.0\.(weight|bias)$", r"backbone.lateral_convs.\1.\2"),
@@ -51,35 +51,16 @@ def load_detector_weights(model: FasterRCNN, path: str | Path) -> str:
     """
     state = read_checkpoint(path)
     fmt = detect_detector_format(state)
+    unexpected: list[str] = []
     if fmt == "torchvision-detection":
-        mapped, unexpected = {}, []
+        mapped = {}
         for key, tensor in state.items():
             new_key = _map_torchvision_detection_key(key)
-            if new_key is None:
-                if not key.endswith("num_batches_tracked"):
-                    unexpected.append(key)
-            else:
+            if new_key is not None:
                 mapped[new_key] = tensor
+            elif not key.endswith("num_batches_tracked"):
+                unexpected.append(key)
         state = mapped
-    else:
-        unexpected = []
-    own = model.state_dict()
-    unexpected += [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    mis_shaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or mis_shaped:
-        def listing(title: str, items: list[str]) -> str:
-            shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
-            return f"\n  {title} ({len(items)}): {shown}" if items else ""
-
-        raise ValueError(
-            f"weights {path} ({fmt} format) do not match the configured detector:"
-            + listing("missing from the checkpoint", missing)
-            + listing("unexpected in the checkpoint", unexpected)
-            + listing("shape mismatch", mis_shaped)
-            + ("\n  (is model.num_classes right? torchvision's COCO detectors have 90 classes + background)"
-               if any("predictor" in m for m in mis_shaped) else "")
-        )
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    hint = "is model.num_classes right? torchvision's COCO detectors have 90 classes + background"
+    strict_load(model, state, str(path), fmt, unexpected, hint)
     return fmt

@@ -1,0 +1,130 @@
+"""Configs: YAML files with ``_base_`` inheritance and ``key=value`` overrides, merged by OmegaConf and
+validated against the typed schema below.
+
+An unknown or misspelled key, or a value of the wrong type, is an error that names the key and the
+closest valid keys. The ``model`` section is free-form here and validated by the task's model builder,
+which knows the keys of each backbone and head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+@dataclass
+class SplitConfig:
+    """One split of a COCO-layout dataset, paths relative to ``data.root`` (or absolute)."""
+
+    annotations: str = "annotations/instances_train2017.json"
+    images: str = "train2017"
+
+
+@dataclass
+class DataConfig:
+    root: str = "datasets/coco"
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(
+        default_factory=lambda: SplitConfig("annotations/instances_val2017.json", "val2017")
+    )
+    label_map: str = "contiguous"  # "contiguous": categories sorted by id -> 1..K; "coco_id": label = id
+    min_size_train: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    flip_prob: float = 0.5
+    num_workers: int = 4
+
+
+@dataclass
+class Config:
+    task: str = "detection"
+    output_dir: str = "runs/default"
+    seed: int = 42
+    model: dict[str, Any] = field(default_factory=dict)  # validated by the task's model builder
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded: names the file or key and, for keys, the closest valid ones."""
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``path`` with its ``_base_`` files (relative to it, a string or a list) merged underneath."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"config {path} inherits from itself through _base_: {' -> '.join(map(str, chain))}")
+    if not path.is_file():
+        where = f" (named by _base_ in {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    merged = OmegaConf.create()
+    for base in bases:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / base, chain + (path,)))
+    return OmegaConf.to_container(OmegaConf.merge(merged, data))
+
+
+def _valid_keys(dotted_parent: str) -> list[str]:
+    """The schema's keys under ``dotted_parent`` ('' for the top level)."""
+    cls: Any = Config
+    for part in filter(None, dotted_parent.split(".")):
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return []
+        cls = hints[part]
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _key_error(full_key: str, problem: str) -> ConfigError:
+    parent, _, key = full_key.rpartition(".")
+    valid = _valid_keys(parent)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr('.'.join(filter(None, [parent, c]))) for c in close)}?" if close else ""
+    listing = f" (valid keys{' under ' + parent if parent else ''}: {', '.join(valid)})" if valid else ""
+    return ConfigError(f"{problem} {full_key!r}{hint}{listing}")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path`` (with its ``_base_`` chain), apply ``key=value`` overrides, validate, and return the
+    typed config."""
+    raw = _read_yaml(Path(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except (ConfigKeyError, ConfigAttributeError) as error:
+        raise _key_error(str(error.full_key or error.key), f"unknown config key in {path}:") from None
+    except ValidationError as error:
+        raise ConfigError(f"config {path}: wrong value for {error.full_key!r}: {error.msg}") from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config {path}: {error}") from None
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML (what a run folder keeps)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def resolve_path(root: str | Path, path: str | Path) -> Path:
+    """``path`` under ``root`` unless it is absolute."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(root) / path

@@ -1,0 +1,53 @@
+"""Config files: _base_ inheritance, key=value overrides, and errors that name the key."""
+
+import pytest
+
+from tasks.config import ConfigError, load_config, to_yaml
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    write(tmp_path / "base.yaml", "model:\n  backbone: {name: resnet, depth: 50, norm: FrozenBN}\ndata:\n  root: /data/coco\n")
+    child = write(tmp_path / "child.yaml", "_base_: base.yaml\nmodel:\n  backbone: {depth: 101}\n")
+    config = load_config(child, ["model.backbone.depth=152", "data.val.images=val", "seed=7"])
+    assert config.model["backbone"] == {"name": "resnet", "depth": 152, "norm": "FrozenBN"}
+    assert config.data.root == "/data/coco" and config.data.val.images == "val" and config.seed == 7
+    assert config.data.val.annotations == "annotations/instances_val2017.json"  # schema default
+    assert "depth: 152" in to_yaml(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.rot=/x"], "'data.rot'; did you mean 'data.root'"),
+        (["data.train.annotatons=a.json"], "did you mean 'data.train.annotations'"),
+        (["outptu_dir=x"], "did you mean 'output_dir'"),
+        (["data.min_size_test=big"], "wrong value for 'data.min_size_test'"),
+        (["seed"], "key=value"),
+    ],
+)
+def test_bad_keys_and_values_are_named(tmp_path, overrides, message):
+    config = write(tmp_path / "c.yaml", "model: {}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(config, overrides)
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    child = write(tmp_path / "child.yaml", "_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml.*named by _base_ in .*child.yaml"):
+        load_config(child)
+    loop = write(tmp_path / "loop.yaml", "_base_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="inherits from itself"):
+        load_config(loop)
+    bad = write(tmp_path / "bad.yaml", "model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    typo_in_file = write(tmp_path / "typo.yaml", "dta:\n  root: x\n")
+    with pytest.raises(ConfigError, match="'dta'; did you mean 'data'"):
+        load_config(typo_in_file)

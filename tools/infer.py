@@ -1,0 +1,98 @@
+"""Run a detector on images: draw the predictions and write them as COCO results.
+
+    python tools/infer.py CONFIG_OR_RUN_DIR [--weights FILE] --input IMAGE_OR_FOLDER --output DIR
+
+Writes ``DIR/<image stem>.png`` (boxes, class names, scores) and ``DIR/predictions.json``: a list of
+``{"file_name", "image_id", "category_id", "bbox": [x, y, w, h], "score"}`` in the original image's
+pixels. ``image_id`` is the file's numeric stem (COCO file names) or its index in the sorted input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tasks.config import ConfigError, load_config, resolve_path
+from tasks.detection import build_detector
+from tasks.detection.checkpoint import load_detector_weights
+from tasks.detection.data import load_coco
+from tasks.detection.inference import (
+    COCO_CATEGORIES,
+    DetectionPredictor,
+    draw_detections,
+    list_images,
+    load_images,
+    to_coco_results,
+)
+
+
+def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[int, int], dict[int, str]]:
+    """label -> COCO category id, and label -> name, for the config's label map. With ``coco_id`` every
+    label is its own category id (torchvision's detectors also output the ids COCO leaves unused)."""
+    if run_dir is not None and (run_dir / "categories.json").is_file():
+        categories = json.loads((run_dir / "categories.json").read_text())
+    elif config.data.label_map == "coco_id":
+        categories = [{"id": i, "name": n} for i, n in COCO_CATEGORIES.items()]
+    else:
+        annotations = resolve_path(config.data.root, config.data.val.annotations)
+        if not annotations.is_file():
+            raise FileNotFoundError(
+                f"the config maps labels to categories by data.label_map=contiguous, which needs the category list "
+                f"of {annotations} (data.root, data.val.annotations) or a run folder's categories.json"
+            )
+        categories = load_coco(annotations).dataset["categories"]
+    categories = sorted(categories, key=lambda c: c["id"])
+    if config.data.label_map == "coco_id":
+        return {i: i for i in range(1, num_classes + 1)}, {c["id"]: c["name"] for c in categories}
+    return ({i + 1: c["id"] for i, c in enumerate(categories)}, {i + 1: c["name"] for i, c in enumerate(categories)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="a config file, or a run folder holding config.yaml and model.safetensors")
+    parser.add_argument("--weights", help="checkpoint file (this project's or torchvision's); default: the run's")
+    parser.add_argument("--input", required=True, help="an image file or a folder of images")
+    parser.add_argument("--output", required=True, help="folder for the drawings and predictions.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--draw-threshold", type=float, default=0.5, help="smallest score drawn")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_intermixed_args(argv)
+
+    source = Path(args.config)
+    run_dir = source if source.is_dir() else None
+    try:
+        config = load_config(run_dir / "config.yaml" if run_dir else source, args.overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    weights = args.weights or (run_dir / "model.safetensors" if run_dir else None)
+    if weights is None:
+        parser.error("--weights is required with a config file")
+
+    model = build_detector(config.model)
+    load_detector_weights(model, weights)
+    label_to_category, names = label_names(config, run_dir, model.num_classes)
+    predictor = DetectionPredictor(model, config.data.min_size_test, config.data.max_size_test, args.device)
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    predictions = []
+    files = list_images(args.input)
+    for index, path in enumerate(files):
+        (image,) = load_images([path])
+        (detections,) = predictor([image])
+        image_id = int(path.stem) if path.stem.isdigit() else index
+        for entry in to_coco_results(detections, image_id, label_to_category):
+            predictions.append({"file_name": path.name, **entry})
+        draw_detections(image, detections, names, args.draw_threshold).save(output / f"{path.stem}.png")
+        print(f"{path.name}: {len(detections['boxes'])} detections", file=sys.stderr)
+    (output / "predictions.json").write_text(json.dumps(predictions))
+    print(f"wrote {len(predictions)} predictions for {len(files)} images to {output / 'predictions.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
