@@ -13,7 +13,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -29,8 +29,19 @@ class SplitConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Generate the synthetic shapes dataset under ``data.root`` when it is missing (see tasks/synthetic.py)."""
+
+    num_train: int = 400
+    num_val: int = 100
+    size: int = 128
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     root: str = "datasets/coco"
+    synthetic: Optional[SyntheticConfig] = None
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(
         default_factory=lambda: SplitConfig("annotations/instances_val2017.json", "val2017")
@@ -45,12 +56,46 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    max_iters: int = 90000
+    batch_size: int = 2  # images per process and step
+    base_lr: float = 0.02  # for reference_batch_size images; scaled linearly to the real total batch
+    reference_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    no_decay_norm_bias: bool = False  # True: no weight decay on norm parameters and biases
+    schedule: str = "step"  # "step" (gamma at each of steps) or "cosine"
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 0.0  # 0: no clipping
+    mixed_precision: str = "no"  # "no", "bf16", "fp16" (the --mixed_precision of accelerate launch wins)
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when several processes train
+    eval_period: int = 0  # evaluate every N iterations (0: only at the end)
+    checkpoint_period: int = 5000
+    keep_checkpoints: int = 2
+    log_period: int = 20
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1  # images per process
+    num_visualize: int = 4  # validation images drawn into <output_dir>/visualizations
+    visualize_score_thresh: float = 0.5
+
+
+@dataclass
 class Config:
     task: str = "detection"
     output_dir: str = "runs/default"
+    resume: Optional[str] = None  # "auto": continue from the run's latest checkpoint if any; or a path
     seed: int = 42
     model: dict[str, Any] = field(default_factory=dict)  # validated by the task's model builder
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -84,9 +129,11 @@ def _valid_keys(dotted_parent: str) -> list[str]:
     cls: Any = Config
     for part in filter(None, dotted_parent.split(".")):
         hints = typing.get_type_hints(cls)
-        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+        hint = hints.get(part)
+        hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)  # Optional[...]
+        if not dataclasses.is_dataclass(hint):
             return []
-        cls = hints[part]
+        cls = hint
     return [f.name for f in dataclasses.fields(cls)]
 
 

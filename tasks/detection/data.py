@@ -155,7 +155,12 @@ class CocoDetection(Dataset):
         """0 for landscape (w >= h), 1 for portrait: the groups of ``GroupedBatchSampler``."""
         return [0 if r.width >= r.height else 1 for r in self.records]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Item ``index``, or ``(index, seed)`` to draw its augmentation from ``seed`` (reproducible
+        training streams)."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None and self.transform is not None:
+            self.transform.set_random_seed(seed)
         record = self.records[index]
         image = read_image(self.image_dir / record.file_name, record.image_id)
         if image.shape[:2] != (record.height, record.width):

@@ -71,7 +71,7 @@ class FasterRCNN(nn.Module):
         batch, sizes = self.preprocess(images)
         features = self.backbone(batch)
         if self.training:
-            targets = [{k: v.to(batch.device) for k, v in t.items()} for t in targets]
+            targets = [{k: v.to(batch.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             proposals, rpn_losses = self.rpn(features, sizes, targets)
             _, roi_losses = self.roi_heads(features, proposals, sizes, targets)
             return {**rpn_losses, **roi_losses}

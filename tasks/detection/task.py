@@ -1,0 +1,128 @@
+"""The detection task for the training engine: datasets from the config, sharded COCO evaluation,
+drawings of validation predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+
+from ..coco_eval import coco_evaluate
+from ..config import Config, resolve_path
+from ..synthetic import ensure_generated
+from .data import CocoDetection, collate, detection_transform
+from .inference import draw_detections, to_coco_results
+from .model import build_detector
+
+
+def prepare_data_root(config: Config) -> Path:
+    """``data.root``, generating the synthetic dataset there first when ``data.synthetic`` asks for it."""
+    root = Path(config.data.root)
+    if config.data.synthetic is not None:
+        s = config.data.synthetic
+        ensure_generated(root, s.num_train, s.num_val, s.size, s.seed)
+    return root
+
+
+class DetectionTask:
+    """Faster R-CNN on a COCO-layout dataset."""
+
+    def build_model(self, config: Config) -> nn.Module:
+        return build_detector(config.model)
+
+    def _dataset(self, config: Config, split: str, train: bool) -> CocoDetection:
+        root = prepare_data_root(config)
+        paths = getattr(config.data, split)
+        data = config.data
+        transform = detection_transform(
+            train,
+            data.min_size_train if train else [data.min_size_test],
+            data.max_size_train if train else data.max_size_test,
+            data.flip_prob,
+        )
+        return CocoDetection(resolve_path(root, paths.annotations), resolve_path(root, paths.images), transform,
+                             train=train, label_map=data.label_map)
+
+    def train_dataset(self, config: Config) -> CocoDetection:
+        dataset = self._dataset(config, "train", train=True)
+        num_classes = config.model.get("num_classes", 80)
+        if dataset.num_classes > num_classes:
+            raise ValueError(
+                f"the training annotations ({dataset.annotation_file}) have labels up to {dataset.num_classes} "
+                f"(data.label_map={config.data.label_map}) but model.num_classes is {num_classes}"
+            )
+        return dataset
+
+    def val_dataset(self, config: Config) -> CocoDetection:
+        return self._dataset(config, "val", train=False)
+
+    @staticmethod
+    def collate(batch: list) -> tuple[list, list]:
+        return collate(batch)
+
+    @staticmethod
+    def loss_inputs(batch: tuple[list, list]) -> tuple[list, list]:
+        images, targets = batch
+        return images, [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"], "image_id": t["image_id"]}
+                        for t in targets]
+
+    def metadata(self, dataset: CocoDetection) -> dict[str, Any]:
+        return {"categories": [{"id": c, "name": dataset.category_names[c]} for c in dataset.category_ids]}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, dataset: CocoDetection, indices: list[int], batch_size: int = 1) -> list[dict]:
+        """COCO results for the images ``indices`` of ``dataset``."""
+        results = []
+        for start in range(0, len(indices), batch_size):
+            items = [dataset[i] for i in indices[start : start + batch_size]]
+            images = [image for image, _ in items]
+            detections = model(images, original_sizes=[t["orig_size"] for _, t in items])
+            for (_, target), det in zip(items, detections):
+                results.extend(to_coco_results({k: v.cpu() for k, v in det.items()}, target["image_id"],
+                                               dataset.label_to_category))
+        return results
+
+    def evaluate(self, model: nn.Module, dataset: CocoDetection, accelerator: Accelerator, output_dir: Path,
+                 batch_size: int = 1) -> dict[str, float]:
+        """Each process predicts its shard (every ``num_processes``-th image: disjoint, nothing padded);
+        the main process gathers all results, writes them and runs pycocotools' COCOeval."""
+        was_training = model.training
+        model.eval()
+        shard = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+        results = self.predict(model, dataset, shard, batch_size)
+        model.train(was_training)
+        gathered = gather_object([results])
+        metrics: dict[str, float] = {}
+        if accelerator.is_main_process:
+            all_results = [r for part in gathered for r in part]
+            (output_dir / "coco_results.json").write_text(json.dumps(all_results))
+            metrics = {f"bbox/{k}": v for k, v in coco_evaluate(dataset.coco, all_results, "bbox").items()}
+        return broadcast_metrics(metrics, accelerator)
+
+    def visualize(self, model: nn.Module, dataset: CocoDetection, output_dir: Path, config: Config) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        model.eval()
+        names = {label: dataset.category_names[c] for label, c in dataset.label_to_category.items()}
+        with torch.no_grad():
+            for index in range(min(config.eval.num_visualize, len(dataset))):
+                image, target = dataset[index]
+                (det,) = model([image])
+                drawn = draw_detections(image.permute(1, 2, 0).numpy(), {k: v.cpu() for k, v in det.items()}, names,
+                                        config.eval.visualize_score_thresh)
+                drawn.save(output_dir / f"{target['image_id']}.png")
+
+
+def broadcast_metrics(metrics: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """The main process's metrics, on every process."""
+    if accelerator.num_processes == 1:
+        return metrics
+    from accelerate.utils import broadcast_object_list
+
+    box = [metrics]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

@@ -1,0 +1,142 @@
+"""Training engine: a few iterations, checkpoints, exact resume, non-finite losses, 2-process training
+and evaluation, eval of results files against pycocotools' official numbers, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.config import load_config
+from tasks.engine import NonFiniteLossError, train
+from tasks.synthetic import generate
+from tasks.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "data" / "coco_eval_reference"
+TINY = [
+    "model.backbone.depth=18", "model.fpn.out_channels=32", "model.roi_heads.fc_dim=64",
+    "model.roi_heads.batch_size_per_image=32", "model.rpn.batch_size_per_image=64",
+    "data.min_size_train=[64]", "data.max_size_train=96", "data.min_size_test=64", "data.max_size_test=96",
+    "data.num_workers=0", "train.batch_size=2", "train.log_period=1", "train.warmup_iters=2",
+    "train.schedule=step", "train.steps=[100]", "eval.num_visualize=1", "resume=auto",
+]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("shapes"), num_train=12, num_val=5, size=64, seed=3)
+
+
+def run(shapes, out, *overrides):
+    config = load_config(ROOT / "configs" / "quickstart.yaml",
+                         [*TINY, f"data.root={shapes}", f"output_dir={out}", *overrides])
+    return train(get_task(config.task), config)
+
+
+def losses(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_train_checkpoint_and_exact_resume(shapes, tmp_path):
+    full = run(shapes, tmp_path / "full", "train.max_iters=6", "train.checkpoint_period=3")
+    assert full.iterations == 6
+    for name in ("config.yaml", "model.safetensors", "metrics.json", "metrics.jsonl", "categories.json",
+                 "coco_results.json", "world.json"):
+        assert (tmp_path / "full" / name).is_file(), name
+    assert list((tmp_path / "full" / "visualizations").glob("*.png"))
+    assert (tmp_path / "full" / "checkpoints" / "latest").read_text() == "iter_0000006"
+    assert "bbox/AP" in json.loads((tmp_path / "full" / "metrics.json").read_text())
+
+    run(shapes, tmp_path / "resumed", "train.max_iters=3")  # stops after iteration 3 ...
+    # ... a crash while writing the next checkpoint leaves a partial folder behind, never a broken latest
+    (tmp_path / "resumed" / "checkpoints" / ".partial_iter_0000004").mkdir()
+    resumed = run(shapes, tmp_path / "resumed", "train.max_iters=6")  # resume=auto continues
+    assert resumed.iterations == 6
+    expected = {r["iteration"]: r["loss"] for r in losses(tmp_path / "full")}
+    got = {r["iteration"]: r["loss"] for r in losses(tmp_path / "resumed")}
+    for iteration in (4, 5, 6):
+        assert got[iteration] == pytest.approx(expected[iteration], rel=1e-5), iteration
+
+
+def test_non_finite_loss_stops_naming_iteration_and_term(shapes, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration \d+: \{'loss_.*checkpoint"):
+        run(shapes, tmp_path / "nan", "train.max_iters=50", "train.base_lr=1e12", "train.warmup_iters=0",
+            "train.checkpoint_period=1")
+    assert (tmp_path / "nan" / "checkpoints" / "latest").is_file()  # the last good checkpoint is kept
+
+
+def launch(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_process_training_and_evaluation(shapes, tmp_path):
+    out = tmp_path / "ddp"
+    result = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no", "tools/train.py", "configs/quickstart.yaml", *TINY,
+                    f"data.root={shapes}", f"output_dir={out}", "train.max_iters=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    world = json.loads((out / "world.json").read_text())
+    assert world["world_size"] == 2
+    rank0, rank1 = world["images_per_rank"]
+    assert rank0 and rank1 and not set(rank0[:4]) & set(rank1[:4])  # each rank read its own shard first
+
+    # 5 validation images over 2 processes: the metrics equal a 1-process evaluation of the same weights
+    two = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no", "tools/eval.py", str(out), "--output-dir", str(tmp_path / "eval2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "tools/eval.py", str(out), "--output-dir", str(tmp_path / "eval1")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    metrics1 = json.loads((tmp_path / "eval1" / "metrics.json").read_text())
+    metrics2 = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
+    assert metrics1 == metrics2
+    results1 = json.loads((tmp_path / "eval1" / "coco_results.json").read_text())
+    results2 = json.loads((tmp_path / "eval2" / "coco_results.json").read_text())
+    key = lambda r: (r["image_id"], r["score"], r["category_id"])  # noqa: E731
+    assert sorted(results1, key=key) == sorted(results2, key=key)
+    assert {r["image_id"] for r in results2} <= set(range(1, 6)) and len(results2) == len(results1)
+
+
+@pytest.mark.parametrize("iou_type, expected", [
+    ("bbox", (0.5045806987249628, 0.6969727247299577, 0.5729816669904824)),
+    ("segm", (0.3195452758576433, 0.5622883972521636, 0.29892653412086784)),
+])
+def test_eval_of_a_results_file_gives_the_official_numbers(tmp_path, iou_type, expected, capsys):
+    from tools.eval import main
+
+    assert main(["--annotations", str(REFERENCE / "instances_val2014_100.json"), "--results",
+                 str(REFERENCE / f"instances_val2014_fake{iou_type}100_results.json"), "--iou-type", iou_type,
+                 "--output", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert (metrics[f"{iou_type}/AP"], metrics[f"{iou_type}/AP50"], metrics[f"{iou_type}/AP75"]) == expected
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" Average")]
+    reference = (REFERENCE / "val2014_fake_eval_res.txt").read_text()
+    assert len(printed) == 12
+    for line in printed:
+        assert line.split("=")[-1].strip() in reference
+
+
+def test_bad_input_names_the_problem(shapes, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    first = sorted((data / "train2017").glob("*.jpg"))[0]
+    first.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{first.name} \\(image id 1\\)"):
+        run(data, tmp_path / "missing", "train.max_iters=12")
+    shutil.copy(shapes / "train2017" / first.name, first)
+    first.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=f"cannot decode image .*{first.name}"):
+        run(data, tmp_path / "corrupt", "train.max_iters=12")
+    (data / "annotations" / "instances_train2017.json").write_text(json.dumps({"not": "coco"}))
+    with pytest.raises(ValueError, match="instances_train2017.json is not a COCO instances file"):
+        run(data, tmp_path / "notcoco", "train.max_iters=1")
+    from tools.train import main
+
+    assert main([str(ROOT / "configs" / "quickstart.yaml"), "train.max_iter=3"]) == 2  # typo: error, no run

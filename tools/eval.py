@@ -1,0 +1,82 @@
+"""Evaluate on COCO with pycocotools.
+
+    python tools/eval.py RUN_DIR [key=value ...]                 the run's config and model.safetensors
+    python tools/eval.py CONFIG --weights FILE [key=value ...]   any config and checkpoint
+    python tools/eval.py --annotations ANN.json --results RES.json --iou-type bbox|segm [--output metrics.json]
+
+The first two run inference on the config's validation split (sharded over processes under
+``accelerate launch``), print pycocotools' summary and write ``metrics.json`` and ``coco_results.json``
+into ``--output-dir`` (default: the run folder, or the config's output_dir). The third evaluates an
+existing results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tasks.coco_eval import coco_evaluate, load_results
+from tasks.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", nargs="?", help="a run folder or a config file")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    parser.add_argument("--weights", help="checkpoint file (with a config file)")
+    parser.add_argument("--output-dir", help="where metrics.json and coco_results.json go")
+    parser.add_argument("--annotations", help="COCO annotation file (with --results)")
+    parser.add_argument("--results", help="COCO results file to evaluate")
+    parser.add_argument("--iou-type", default="bbox", choices=["bbox", "segm"])
+    parser.add_argument("--output", help="metrics.json to write (with --results)")
+    args = parser.parse_intermixed_args(argv)
+
+    if args.results or args.annotations:
+        if not (args.results and args.annotations):
+            parser.error("--results and --annotations go together")
+        from tasks.detection.data import load_coco
+
+        metrics = coco_evaluate(load_coco(args.annotations), load_results(args.results), args.iou_type)
+        metrics = {f"{args.iou_type}/{k}": v for k, v in metrics.items()}
+        if args.output:
+            Path(args.output).write_text(json.dumps(metrics, indent=2))
+        return 0
+    if not args.source:
+        parser.error("give a run folder, a config file with --weights, or --annotations with --results")
+
+    source = Path(args.source)
+    run_dir = source if source.is_dir() else None
+    try:
+        config = load_config(run_dir / "config.yaml" if run_dir else source, args.overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    weights = args.weights or (run_dir / "model.safetensors" if run_dir else None)
+    if weights is None:
+        parser.error("--weights is required with a config file")
+    output_dir = Path(args.output_dir or run_dir or config.output_dir)
+
+    from tasks.detection.checkpoint import load_detector_weights
+    from tasks.engine import make_accelerator, write_json
+    from tasks.tasks import get_task
+
+    accelerator = make_accelerator()
+    task = get_task(config.task)
+    model = task.build_model(config)
+    load_detector_weights(model, weights)
+    model.to(accelerator.device)
+    dataset = task.val_dataset(config)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    metrics = task.evaluate(model, dataset, accelerator, output_dir, config.eval.batch_size)
+    if accelerator.is_main_process:
+        write_json(output_dir / "metrics.json", metrics)
+        print(json.dumps(metrics))
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
