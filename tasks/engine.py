@@ -239,10 +239,10 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
             logger.info("resume=auto: no checkpoint in %s yet, starting from scratch", checkpoints.root)
 
     groups = getattr(train_set, "aspect_groups", lambda: None)()
-    stream = TrainingStream(len(train_set), cfg.batch_size * cfg.grad_accum_steps, config.seed,
+    stream = TrainingStream(len(train_set), cfg.batch_size, config.seed,
                             accelerator.process_index, accelerator.num_processes, groups)
     batches = iter(stream)
-    for _ in range(progress.iteration):  # the resumed run continues the same data order
+    for _ in range(progress.iteration * cfg.grad_accum_steps):  # a resumed run continues the same data order
         next(batches)
     loader = DataLoader(
         train_set,
@@ -268,7 +268,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
     data_iter = iter(loader)
     while progress.iteration < cfg.max_iters:
         iteration = progress.iteration
-        for micro in range(cfg.grad_accum_steps):
+        for _ in range(cfg.grad_accum_steps):
             batch = next(data_iter)
             images, targets = task.loss_inputs(batch)
             if len(seen_images) < 64:
