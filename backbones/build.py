@@ -48,7 +48,8 @@ def build_backbone(config: Mapping[str, Any], where: str = "backbone") -> Backbo
 
     ``name`` is ``resnet`` (keys: the arguments of ``ResNet``), ``timm`` (``model`` and the arguments of
     ``TimmBackbone``) or ``fpn`` (``bottom_up``: another backbone config, plus the arguments of ``FPN``).
-    ``weights`` (any backbone) is a file or a ``torchvision:``/``timm:`` name given to ``load_pretrained``.
+    ``weights`` (any backbone) is a file or a ``torchvision:``/``timm:`` name given to ``load_pretrained``;
+    ``weights: torchvision`` means torchvision's ImageNet weights of the configured ResNet depth.
     An unknown key or value is an error that names it.
     """
     config = dict(config)
@@ -62,6 +63,11 @@ def build_backbone(config: Mapping[str, Any], where: str = "backbone") -> Backbo
         backbone = builder(**config)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{where} ({name}): {error}") from error
+    if weights == "torchvision":  # ImageNet weights matching the configured depth: depth stays one key
+        if name != "resnet":
+            raise ValueError(f"{where}.weights: 'torchvision' names ImageNet weights of a resnet backbone; "
+                             "use timm:<model>.<tag> or a file for timm backbones")
+        weights = f"torchvision:resnet{config.get('depth', 50)}.IMAGENET1K_V1"
     if weights:
         load_pretrained(backbone, weights)
     return backbone

@@ -1,5 +1,7 @@
 """Config files: _base_ inheritance, key=value overrides, and errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
 from tasks.config import ConfigError, load_config, to_yaml
@@ -51,3 +53,29 @@ def test_bad_files_are_named(tmp_path):
     typo_in_file = write(tmp_path / "typo.yaml", "dta:\n  root: x\n")
     with pytest.raises(ConfigError, match="'dta'; did you mean 'data'"):
         load_config(typo_in_file)
+
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+                 if p.name not in ("base_frcnn.yaml", "schedule_3x.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_builds(path):
+    import torch
+
+    from tasks.detection import build_detector
+
+    config = load_config(path, ["model.backbone.weights=null"])
+    with torch.device("meta"):
+        model = build_detector(config.model)
+    depth = config.model["backbone"].get("depth")
+    if "r101" in path.stem:
+        assert depth == 101
+    if "_3x" in path.stem:
+        assert config.train.max_iters == 270000 and config.train.steps == [210000, 250000]
+    assert model.roi_heads.num_classes == config.model["num_classes"]
+
+
+def test_depth_swap_is_one_key():
+    config = load_config(CONFIGS[0].parent / "frcnn_r50.yaml", ["model.backbone.depth=152", "model.backbone.weights=null"])
+    assert config.model["backbone"]["depth"] == 152

@@ -113,3 +113,17 @@ def test_backbone_table_tool(capsys):
     assert main(["--config", json.dumps({"name": "resnet", "depth": 50})]) == 0
     out = capsys.readouterr().out
     assert "| 23.51 | 25.56 | 3.86 | res2 256/4 res3 512/8 res4 1024/16 res5 2048/32 |" in out
+
+
+def test_weights_torchvision_follows_the_depth(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    built = build_backbone({"name": "resnet", "depth": 18, "weights": "torchvision"})
+    assert torch.equal(built.res3[0].conv1.weight, reference.layer2[0].conv1.weight)
+    with pytest.raises(RuntimeError, match="resnet34-b627a593.pth"):
+        monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+        build_backbone({"name": "resnet", "depth": 34, "weights": "torchvision"})
