@@ -39,7 +39,8 @@ class Task(Protocol):
     def val_dataset(self, config: Config) -> Dataset: ...
     def collate(self, batch: list) -> tuple[list, list]: ...
     def loss_inputs(self, batch: tuple[list, list]) -> tuple[list, list]: ...
-    def evaluate(self, model: nn.Module, dataset: Dataset, accelerator: Accelerator, output_dir: Path) -> dict[str, float]: ...
+    def evaluate(self, model: nn.Module, dataset: Dataset, accelerator: Accelerator, output_dir: Path,
+                 batch_size: int) -> dict[str, float]: ...
     def visualize(self, model: nn.Module, dataset: Dataset, output_dir: Path, config: Config) -> None: ...
     def metadata(self, dataset: Dataset) -> dict[str, Any]: ...
 
@@ -261,7 +262,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
 
     model.train()
     bar = tqdm(total=cfg.max_iters, initial=progress.iteration, disable=not accelerator.is_main_process,
-               desc="train", dynamic_ncols=True)
+               desc="train", dynamic_ncols=True, mininterval=1.0)
     window: dict[str, torch.Tensor] = {}
     window_start, window_iters = time.perf_counter(), 0
     metrics: dict[str, float] = {}
@@ -315,7 +316,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
         if cfg.checkpoint_period and progress.iteration % cfg.checkpoint_period == 0 and progress.iteration < cfg.max_iters:
             checkpoints.save(accelerator, progress.iteration)
         if cfg.eval_period and progress.iteration % cfg.eval_period == 0 and progress.iteration < cfg.max_iters:
-            metrics = _evaluate(task, model, val_set, accelerator, output_dir, progress.iteration)
+            metrics = _evaluate(task, model, val_set, accelerator, output_dir, progress.iteration, config)
     bar.close()
 
     checkpoints.save(accelerator, progress.iteration)
@@ -324,7 +325,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
         write_json(output_dir / "world.json", world)
         save_file({k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()},
                   str(output_dir / "model.safetensors"))
-    metrics = _evaluate(task, model, val_set, accelerator, output_dir, progress.iteration)
+    metrics = _evaluate(task, model, val_set, accelerator, output_dir, progress.iteration, config)
     if accelerator.is_main_process:
         write_json(output_dir / "metrics.json", {"iteration": progress.iteration, **metrics})
         task.visualize(accelerator.unwrap_model(model), val_set, output_dir / "visualizations", config)
@@ -343,9 +344,9 @@ class _Resumed:
 
 
 def _evaluate(task: Task, model: nn.Module, dataset: Dataset, accelerator: Accelerator, output_dir: Path,
-              iteration: int) -> dict[str, float]:
+              iteration: int, config: Config) -> dict[str, float]:
     model.eval()
-    metrics = task.evaluate(accelerator.unwrap_model(model), dataset, accelerator, output_dir)
+    metrics = task.evaluate(accelerator.unwrap_model(model), dataset, accelerator, output_dir, config.eval.batch_size)
     model.train()
     if accelerator.is_main_process:
         with open(output_dir / "metrics.jsonl", "a") as f:
