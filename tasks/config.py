@@ -53,6 +53,10 @@ class DataConfig:
     max_size_test: int = 1333
     flip_prob: float = 0.5
     num_workers: int = 4
+    # segmentation
+    class_set: str = "coco80"  # "voc20", "coco80" or "all" (every category of the annotation file)
+    min_pixels: int = 1000  # training skips images whose selected classes cover less (by COCO area)
+    crop_size: int = 0  # training crop side after the random resize (0: no crop)
 
 
 @dataclass
@@ -64,7 +68,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     no_decay_norm_bias: bool = False  # True: no weight decay on norm parameters and biases
-    schedule: str = "step"  # "step" (gamma at each of steps) or "cosine"
+    schedule: str = "step"  # "step" (gamma at each of steps), "cosine" or "poly" ((1 - t)^0.9)
     steps: list[int] = field(default_factory=lambda: [60000, 80000])
     gamma: float = 0.1
     warmup_iters: int = 1000

@@ -97,7 +97,8 @@ class _Progress:
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     """Multiplier of the learning rate at optimizer step ``i``: linear warmup from ``warmup_factor``, then
-    a step decay (``gamma`` at each of ``steps``) or a cosine decay to 0 at ``max_iters``."""
+    a step decay (``gamma`` at each of ``steps``), a cosine decay to 0 at ``max_iters`` or the poly decay
+    ``(1 - i / max_iters) ** 0.9`` of DeepLab and torchvision's segmentation recipes."""
 
     def factor(i: int) -> float:
         warmup = 1.0
@@ -106,10 +107,12 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
             warmup = train.warmup_factor * (1 - alpha) + alpha
         if train.schedule == "cosine":
             return warmup * 0.5 * (1 + math.cos(math.pi * min(i, train.max_iters) / train.max_iters))
+        if train.schedule == "poly":
+            return warmup * (1 - min(i, train.max_iters) / train.max_iters) ** 0.9
         return warmup * train.gamma ** sum(1 for s in train.steps if i >= s)
 
-    if train.schedule not in ("step", "cosine"):
-        raise ValueError(f"train.schedule must be 'step' or 'cosine', got {train.schedule!r}")
+    if train.schedule not in ("step", "cosine", "poly"):
+        raise ValueError(f"train.schedule must be 'step', 'cosine' or 'poly', got {train.schedule!r}")
     return factor
 
 

@@ -9,4 +9,8 @@ def get_task(name: str):
         from .detection.task import DetectionTask
 
         return DetectionTask()
-    raise ValueError(f"unknown task {name!r}; this version has: detection")
+    if name == "segmentation":
+        from .segmentation.task import SegmentationTask
+
+        return SegmentationTask()
+    raise ValueError(f"unknown task {name!r}; choose detection or segmentation")

@@ -57,14 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--weights is required with a config file")
     output_dir = Path(args.output_dir or run_dir or config.output_dir)
 
-    from tasks.detection.checkpoint import load_detector_weights
     from tasks.engine import make_accelerator, write_json
     from tasks.tasks import get_task
 
     accelerator = make_accelerator()
     task = get_task(config.task)
     model = task.build_model(config)
-    load_detector_weights(model, weights)
+    task.load_weights(model, weights)
     model.to(accelerator.device)
     dataset = task.val_dataset(config)
     if accelerator.is_main_process:

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     result = train(get_task(config.task), config)
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k.endswith(("AP", "AP50", "AP75")))
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                        if k.endswith(("/AP", "/AP50", "/AP75", "/mIoU", "/pixel_accuracy")))
     print(f"finished {result.iterations} iterations in {result.output_dir}: {summary}")
     return 0
 

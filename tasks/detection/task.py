@@ -15,6 +15,7 @@ from torch import nn
 from ..coco_eval import coco_evaluate
 from ..config import Config, resolve_path
 from ..synthetic import ensure_generated
+from .checkpoint import load_detector_weights
 from .data import CocoDetection, collate, detection_transform
 from .inference import draw_detections, to_coco_results
 from .model import build_detector
@@ -34,6 +35,10 @@ class DetectionTask:
 
     def build_model(self, config: Config) -> nn.Module:
         return build_detector(config.model)
+
+    @staticmethod
+    def load_weights(model: nn.Module, path: str | Path) -> str:
+        return load_detector_weights(model, path)
 
     def _dataset(self, config: Config, split: str, train: bool) -> CocoDetection:
         root = prepare_data_root(config)

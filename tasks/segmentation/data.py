@@ -1,0 +1,161 @@
+"""COCO semantic segmentation data built from ``instances_*.json`` with pycocotools (polygons and RLE)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data import ShortestEdgeResize, read_image
+from ..detection.data import load_coco
+
+IGNORE = 255
+# The 20 Pascal VOC categories as COCO category ids, in VOC's class order (label i + 1); torchvision's
+# COCO FCN references are trained and evaluated on these.
+VOC20_COCO_IDS = [5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72]
+CLASS_SETS = ("voc20", "coco80", "all")
+
+
+class CocoSegmentation(Dataset):
+    """Images with per-pixel class masks (0 background, 1..K the selected categories, 255 ignore).
+
+    ``class_set``: ``voc20`` (the 20 VOC categories in VOC order), ``coco80`` (the 80 COCO categories by
+    id) or ``all`` (every category of the file by id). Instances of other categories are background.
+    Pixels where instances of different selected classes overlap, and crowd regions of selected
+    classes, are ignored (255). ``train=True`` keeps only images whose selected, non-crowd annotations
+    cover at least ``min_pixels`` (by their COCO ``area``).
+
+    Items are ``(image (3, H, W) uint8, {"mask": (H, W) int64, "image_id", "orig_size"})``. In training
+    the transform moves image and mask together; for evaluation only the image is transformed and the
+    mask stays at the original resolution (metrics are computed there).
+    """
+
+    def __init__(self, annotation_file: str | Path, image_dir: str | Path, class_set: str = "coco80",
+                 transform: A.Compose | None = None, train: bool = False, min_pixels: int = 1000):
+        if class_set not in CLASS_SETS:
+            raise ValueError(f"data.class_set must be one of {', '.join(CLASS_SETS)}, got {class_set!r}")
+        self.annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.image_dir}; check data.root and the image folder")
+        self.coco = load_coco(annotation_file)
+        self.transform, self.train = transform, train
+        all_ids = sorted(self.coco.getCatIds())
+        if class_set == "voc20":
+            missing = [c for c in VOC20_COCO_IDS if c not in all_ids]
+            if missing:
+                raise ValueError(f"{self.annotation_file} lacks the VOC categories {missing}; use class_set coco80/all")
+            chosen = VOC20_COCO_IDS
+        elif class_set == "coco80":
+            chosen = all_ids if len(all_ids) == 80 else None
+            if chosen is None:
+                raise ValueError(f"{self.annotation_file} has {len(all_ids)} categories, not COCO's 80; use class_set all")
+        else:
+            chosen = all_ids
+        self.category_to_label = {c: i + 1 for i, c in enumerate(chosen)}
+        names = {c["id"]: c["name"] for c in self.coco.loadCats(all_ids)}
+        self.class_names = ["background"] + [names[c] for c in chosen]
+        self.num_classes = len(self.class_names)
+        image_ids = sorted(self.coco.getImgIds())
+        if train:
+            image_ids = [i for i in image_ids if self._labelled_area(i) >= min_pixels]
+        self.image_ids = image_ids
+
+    def _labelled_area(self, image_id: int) -> float:
+        return sum(a.get("area", 0) for a in self.coco.imgToAnns.get(image_id, [])
+                   if not a.get("iscrowd") and a["category_id"] in self.category_to_label)
+
+    def semantic_mask(self, image_id: int) -> np.ndarray:
+        """The (H, W) uint8 class mask of ``image_id`` at the original resolution."""
+        info = self.coco.imgs[image_id]
+        mask = np.zeros((info["height"], info["width"]), np.uint8)
+        conflict = np.zeros(mask.shape, bool)
+        crowd = np.zeros(mask.shape, bool)
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            label = self.category_to_label.get(ann["category_id"])
+            if label is None:
+                continue
+            try:
+                region = self.coco.annToMask(ann).astype(bool)
+            except Exception as error:  # malformed polygon / RLE
+                raise ValueError(f"annotation {ann.get('id')} of image {image_id} in {self.annotation_file} has "
+                                 f"an unreadable segmentation: {error!r}") from error
+            if ann.get("iscrowd"):
+                crowd |= region
+                continue
+            conflict |= region & (mask != 0) & (mask != label)
+            mask[region & (mask == 0)] = label
+        mask[conflict | crowd] = IGNORE
+        return mask
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        image = read_image(self.image_dir / info["file_name"], image_id)
+        mask = self.semantic_mask(image_id)
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"image {self.image_dir / info['file_name']} (image id {image_id}) is "
+                             f"{image.shape[1]}x{image.shape[0]} but the annotations say {mask.shape[1]}x{mask.shape[0]}")
+        if self.transform is not None:
+            if seed is not None:
+                self.transform.set_random_seed(seed)
+            if self.train:
+                out = self.transform(image=image, mask=mask)
+                image, mask = out["image"], out["mask"]
+            else:
+                image = self.transform(image=image)["image"]
+        target = {"mask": torch.from_numpy(mask.astype(np.int64)), "image_id": image_id,
+                  "orig_size": (info["height"], info["width"])}
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), target
+
+
+def segmentation_transform(train: bool, short_sizes: Sequence[int], max_size: int, crop_size: int = 0,
+                           flip_prob: float = 0.5) -> A.Compose:
+    """Training: shorter side drawn from ``short_sizes`` (random scale), padding (image 0, mask 255) and a
+    random crop to ``crop_size``, horizontal flip. Test: shorter side ``max(short_sizes)``."""
+    if not train:
+        return A.Compose([ShortestEdgeResize([max(short_sizes)], max_size)])
+    steps: list[A.BasicTransform] = [ShortestEdgeResize(short_sizes, max_size)]
+    if crop_size:
+        steps += [
+            A.PadIfNeeded(crop_size, crop_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0,
+                          fill_mask=IGNORE),
+            A.RandomCrop(crop_size, crop_size),
+        ]
+    if flip_prob > 0:
+        steps.append(A.HorizontalFlip(p=flip_prob))
+    return A.Compose(steps)
+
+
+def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) counts, rows the true class, columns the predicted one; ``IGNORE`` pixels left out."""
+    valid = target != IGNORE
+    index = target[valid].long() * num_classes + prediction[valid].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Pixel accuracy, mean IoU over the classes present (in the ground truth or the predictions) and
+    per-class IoU from a confusion matrix."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    iou = true_positive / union.clamp(min=1)
+    present = union > 0
+    metrics = {
+        "mIoU": float(iou[present].mean()) if present.any() else 0.0,
+        "pixel_accuracy": float(true_positive.sum() / confusion.sum().clamp(min=1)),
+    }
+    names = class_names or [str(i) for i in range(len(iou))]
+    for name, value, is_present in zip(names, iou.tolist(), present.tolist()):
+        if is_present:
+            metrics[f"IoU/{name}"] = value
+    return metrics

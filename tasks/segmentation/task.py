@@ -1,0 +1,103 @@
+"""The segmentation task for the training engine: datasets, a confusion matrix reduced over processes,
+drawings of validation predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from ..config import Config, resolve_path
+from ..detection.task import prepare_data_root
+from .checkpoint import load_segmenter_weights
+from .data import CocoSegmentation, confusion_matrix, segmentation_metrics, segmentation_transform
+from .drawing import draw_segmentation
+from .model import build_segmenter
+
+
+class SegmentationTask:
+    """FCN on COCO (or the synthetic shapes) semantic masks."""
+
+    def build_model(self, config: Config) -> nn.Module:
+        return build_segmenter(config.model)
+
+    @staticmethod
+    def load_weights(model: nn.Module, path: str | Path) -> str:
+        return load_segmenter_weights(model, path)
+
+    def _dataset(self, config: Config, split: str, train: bool) -> CocoSegmentation:
+        root = prepare_data_root(config)
+        data, paths = config.data, getattr(config.data, split)
+        transform = segmentation_transform(
+            train,
+            data.min_size_train if train else [data.min_size_test],
+            data.max_size_train if train else data.max_size_test,
+            data.crop_size,
+            data.flip_prob,
+        )
+        dataset = CocoSegmentation(resolve_path(root, paths.annotations), resolve_path(root, paths.images),
+                                   data.class_set, transform, train=train, min_pixels=data.min_pixels)
+        num_classes = config.model.get("num_classes", 21)
+        if dataset.num_classes != num_classes:
+            raise ValueError(f"data.class_set={data.class_set} gives {dataset.num_classes} classes with background "
+                             f"but model.num_classes is {num_classes}")
+        return dataset
+
+    def train_dataset(self, config: Config) -> CocoSegmentation:
+        return self._dataset(config, "train", train=True)
+
+    def val_dataset(self, config: Config) -> CocoSegmentation:
+        return self._dataset(config, "val", train=False)
+
+    @staticmethod
+    def collate(batch: list) -> tuple[list, list]:
+        images, targets = zip(*batch)
+        return list(images), list(targets)
+
+    @staticmethod
+    def loss_inputs(batch: tuple[list, list]) -> tuple[list, list]:
+        images, targets = batch
+        return images, [{"mask": t["mask"], "image_id": t["image_id"]} for t in targets]
+
+    def metadata(self, dataset: CocoSegmentation) -> dict[str, Any]:
+        return {"categories": [{"id": i, "name": n} for i, n in enumerate(dataset.class_names)]}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, image: torch.Tensor, orig_size: tuple[int, int]) -> torch.Tensor:
+        """(H, W) class map at ``orig_size``: logits upsampled bilinearly to it, then argmax."""
+        (logits,) = model([image])
+        logits = F.interpolate(logits[None], size=orig_size, mode="bilinear", align_corners=False)[0]
+        return logits.argmax(0)
+
+    def evaluate(self, model: nn.Module, dataset: CocoSegmentation, accelerator: Accelerator, output_dir: Path,
+                 batch_size: int = 1) -> dict[str, float]:
+        """Each process accumulates a confusion matrix over its shard at original resolution; the matrices
+        are summed over processes, then reduced to mIoU, pixel accuracy and per-class IoU."""
+        was_training = model.training
+        model.eval()
+        confusion = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=accelerator.device)
+        for index in range(accelerator.process_index, len(dataset), accelerator.num_processes):
+            image, target = dataset[index]
+            prediction = self.predict(model, image, target["orig_size"])
+            confusion += confusion_matrix(prediction, target["mask"].to(prediction.device), dataset.num_classes)
+        model.train(was_training)
+        if accelerator.num_processes > 1:
+            confusion = accelerator.reduce(confusion, reduction="sum")
+        metrics = segmentation_metrics(confusion.cpu(), dataset.class_names)
+        if accelerator.is_main_process:
+            print(f"mIoU {metrics['mIoU']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f} over {len(dataset)} images")
+        return {f"segm/{k}": v for k, v in metrics.items()}
+
+    def visualize(self, model: nn.Module, dataset: CocoSegmentation, output_dir: Path, config: Config) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        model.eval()
+        for index in range(min(config.eval.num_visualize, len(dataset))):
+            image, target = dataset[index]
+            classes = self.predict(model, image, tuple(image.shape[-2:])).cpu().numpy().astype(np.uint8)
+            draw_segmentation(image.permute(1, 2, 0).numpy(), classes, dataset.class_names).save(
+                output_dir / f"{target['image_id']}.png")
