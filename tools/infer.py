@@ -1,10 +1,12 @@
-"""Run a detector on images: draw the predictions and write them as COCO results.
+"""Run a model on images and draw its predictions.
 
-    python tools/infer.py CONFIG_OR_RUN_DIR [--weights FILE] --input IMAGE_OR_FOLDER --output DIR
+    python tools/infer.py CONFIG_OR_RUN_DIR [--weights FILE] --input IMAGE_OR_FOLDER --output DIR [key=value ...]
 
-Writes ``DIR/<image stem>.png`` (boxes, class names, scores) and ``DIR/predictions.json``: a list of
-``{"file_name", "image_id", "category_id", "bbox": [x, y, w, h], "score"}`` in the original image's
-pixels. ``image_id`` is the file's numeric stem (COCO file names) or its index in the sorted input.
+Detection writes ``DIR/<image stem>.png`` (boxes, class names, scores) and ``DIR/predictions.json``: a
+list of ``{"file_name", "image_id", "category_id", "bbox": [x, y, w, h], "score"}`` in the original
+image's pixels (``image_id``: the file's numeric stem, as COCO names files, else its index).
+Segmentation writes ``DIR/<image stem>.png`` (the class map as a coloured overlay with a legend) and
+``DIR/<image stem>_labels.png`` (8-bit, one channel: the class index of every pixel, at the image's size).
 """
 
 from __future__ import annotations
@@ -51,6 +53,40 @@ def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[in
     return ({i + 1: c["id"] for i, c in enumerate(categories)}, {i + 1: c["name"] for i, c in enumerate(categories)})
 
 
+def segment(config, run_dir: Path | None, weights: Path, args: argparse.Namespace, output: Path) -> int:
+    """The segmentation branch of ``main``."""
+    import numpy as np
+    from PIL import Image
+
+    from tasks.data import ShortestEdgeResize
+    from tasks.segmentation.drawing import draw_segmentation
+    from tasks.segmentation.task import SegmentationTask
+
+    task = SegmentationTask()
+    model = task.build_model(config)
+    task.load_weights(model, weights)
+    model.to(args.device).eval()
+    if run_dir is not None and (run_dir / "categories.json").is_file():
+        names = [c["name"] for c in json.loads((run_dir / "categories.json").read_text())]
+    elif config.data.class_set == "voc20":
+        from tasks.segmentation.data import VOC20_COCO_IDS
+
+        names = ["background"] + [COCO_CATEGORIES[c] for c in VOC20_COCO_IDS]
+    else:
+        names = [f"class {k}" for k in range(model.num_classes)]
+    resize = ShortestEdgeResize([config.data.min_size_test], config.data.max_size_test)
+    files = list_images(args.input)
+    for path in files:
+        (image,) = load_images([path])
+        resized = torch.from_numpy(resize(image=image)["image"]).permute(2, 0, 1)
+        classes = task.predict(model, resized, image.shape[:2]).cpu().numpy().astype(np.uint8)
+        Image.fromarray(classes, mode="L").save(output / f"{path.stem}_labels.png")
+        draw_segmentation(image, classes, names).save(output / f"{path.stem}.png")
+        print(f"{path.name}: classes {sorted(set(np.unique(classes).tolist()))}", file=sys.stderr)
+    print(f"wrote class maps of {len(files)} images to {output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a config file, or a run folder holding config.yaml and model.safetensors")
@@ -72,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     if weights is None:
         parser.error("--weights is required with a config file")
 
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    if config.task == "segmentation":
+        return segment(config, run_dir, weights, args, output)
     model = build_detector(config.model)
     load_detector_weights(model, weights)
     label_to_category, names = label_names(config, run_dir, model.num_classes)
     predictor = DetectionPredictor(model, config.data.min_size_test, config.data.max_size_test, args.device)
 
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     predictions = []
     files = list_images(args.input)
     for index, path in enumerate(files):

@@ -1,0 +1,225 @@
+"""Speed and memory of a config's model, optionally side by side with torchvision's equivalent detector.
+
+    python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision] [--device cpu|cuda]
+        [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
+        [--output FILE.json] [key=value ...]
+
+train: full training steps (forward, backward, SGD step) on synthetic images and boxes of the given size;
+infer: forward in eval mode with post-processing; data: the config's training data loader (images per
+second with ``data.num_workers`` workers). Prints and writes images/second, seconds/iteration (median of
+the timed iterations), peak memory (CUDA max allocated, or the process's peak RSS on the CPU), parameters
+and GFLOPs (multiply-adds x 2 of one forward in eval mode). With ``--compare torchvision`` both models run
+in the same process on the same inputs, alternating iteration by iteration, and ``time_ratio`` and
+``memory_ratio`` (ours / theirs) are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tasks.config import load_config
+from tasks.tasks import get_task
+
+
+def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, seed: int = 0):
+    """uint8 images and 1-8 random boxes per image, the same for every model."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator) for _ in range(batch_size)]
+    targets = []
+    for _ in range(batch_size):
+        n = int(torch.randint(1, 9, (1,), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
+        wh = (torch.rand(n, 2, generator=generator) * 0.3 + 0.05) * torch.tensor([width, height])
+        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1),
+                        "labels": torch.randint(1, num_classes + 1, (n,), generator=generator)})
+    return images, targets
+
+
+def torchvision_detector(config) -> torch.nn.Module:
+    """torchvision's Faster R-CNN R50-FPN with the config's classes, FrozenBN and 3 trainable stages: the
+    settings of its own COCO training (``fasterrcnn_resnet50_fpn`` with ImageNet weights)."""
+    import torchvision
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model_cfg = config.model
+    depth = model_cfg.get("backbone", {}).get("depth", 50)
+    body = getattr(torchvision.models, f"resnet{depth}")(norm_layer=FrozenBatchNorm2d)
+    backbone = _resnet_fpn_extractor(body, 3)
+    return torchvision.models.detection.FasterRCNN(
+        backbone, num_classes=model_cfg.get("num_classes", 80) + 1,
+        min_size=config.data.min_size_test, max_size=config.data.max_size_test,
+    )
+
+
+class Runner:
+    """One model and how to run one step of it."""
+
+    def __init__(self, name: str, model: torch.nn.Module, mode: str, device: torch.device, autocast_dtype,
+                 torchvision_api: bool):
+        self.name, self.model, self.mode, self.device = name, model.to(device), mode, device
+        self.autocast_dtype, self.torchvision_api = autocast_dtype, torchvision_api
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+        self.times: list[float] = []
+        self.peak = 0
+
+    def inputs(self, images, targets):
+        if self.torchvision_api:  # torchvision takes float images in 0..1 on the model's device
+            images = [i.to(self.device).float() / 255 for i in images]
+            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+        return images, targets
+
+    def step(self, images, targets) -> None:
+        images, targets = self.inputs(images, targets)
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        if self.mode == "train":
+            self.model.train()
+            with autocast:
+                losses = self.model(images, targets)
+            loss = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.model.eval()
+            with torch.no_grad(), autocast:
+                self.model(images)
+
+    def timed_step(self, images, targets) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        self.step(images, targets)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        self.times.append(time.perf_counter() - start)
+
+    def summary(self, batch_size: int, height: int, width: int) -> dict:
+        median = statistics.median(self.times)
+        params = sum(p.numel() for p in self.model.parameters())
+        self.model.eval()
+        images = [torch.zeros(3, height, width, dtype=torch.uint8)]
+        images, _ = self.inputs(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self.model(images)
+        result = {
+            "seconds_per_iteration": median,
+            "images_per_second": batch_size / median,
+            "times": self.times,
+            "parameters": params,
+            "gflops_per_image": counter.get_total_flops() / 1e9,
+        }
+        if self.device.type == "cuda":
+            result["peak_memory_bytes"] = self.peak
+        return result
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def benchmark_models(args, config) -> dict:
+    device = torch.device(args.device)
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    task = get_task(config.task)
+    autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    runners = [Runner("ours", task.build_model(config), args.mode, device, autocast_dtype, False)]
+    if args.compare == "torchvision":
+        if config.task != "detection":
+            raise SystemExit("--compare torchvision is implemented for detection configs")
+        runners.append(Runner("torchvision", torchvision_detector(config), args.mode, device, autocast_dtype, True))
+    images, targets = synthetic_batch(args.batch_size, height, width, config.model.get("num_classes", 80))
+    for runner in runners:  # warm-up, then alternate the models iteration by iteration
+        for _ in range(args.warmup):
+            runner.step(images, targets)
+    rss: dict[str, int] = {}
+    for _ in range(args.iters):
+        for runner in runners:
+            runner.timed_step(images, targets)
+            rss[runner.name] = peak_rss_bytes()
+    results = {r.name: r.summary(args.batch_size, height, width) for r in runners}
+    if device.type == "cpu":
+        # process RSS only grows: the peak seen after each model's first timed step is attributed to it
+        results["ours"]["peak_rss_bytes"] = rss.get("ours")
+        if "torchvision" in results:
+            results["torchvision"]["peak_rss_bytes"] = rss.get("torchvision")
+    if "torchvision" in results:
+        ours, theirs = results["ours"], results["torchvision"]
+        results["time_ratio"] = ours["seconds_per_iteration"] / theirs["seconds_per_iteration"]
+        key = "peak_memory_bytes" if device.type == "cuda" else None
+        results["memory_ratio"] = ours[key] / theirs[key] if key else None
+    return results
+
+
+def benchmark_data(args, config) -> dict:
+    from torch.utils.data import DataLoader
+
+    task = get_task(config.task)
+    dataset = task.train_dataset(config)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=task.collate,
+                        num_workers=config.data.num_workers, persistent_workers=config.data.num_workers > 0)
+    iterator = iter(loader)
+    for _ in range(args.warmup):
+        next(iterator)
+    start = time.perf_counter()
+    count = 0
+    for _ in range(args.iters):
+        images, _ = next(iterator)
+        count += len(images)
+    elapsed = time.perf_counter() - start
+    workers = max(config.data.num_workers, 1)
+    return {"images_per_second": count / elapsed, "images_per_second_per_worker": count / elapsed / workers,
+            "num_workers": config.data.num_workers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--mode", choices=["train", "infer", "data"], default="train")
+    parser.add_argument("--compare", choices=["torchvision"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--size", default="800x1088")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    parser.add_argument("--output")
+    args = parser.parse_intermixed_args(argv)
+    config = load_config(args.config, args.overrides)
+    torch.manual_seed(0)
+    results = benchmark_data(args, config) if args.mode == "data" else benchmark_models(args, config)
+    record = {
+        "config": args.config, "overrides": args.overrides, "mode": args.mode, "device": args.device,
+        "batch_size": args.batch_size, "size": args.size, "iters": args.iters, "warmup": args.warmup,
+        "mixed_precision": args.mixed_precision, "command": " ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
+        "hardware": {"machine": platform.machine(), "processor": platform.processor(),
+                     "cpu_threads": torch.get_num_threads(),
+                     "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+        "software": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": __import__("torchvision").__version__},
+        "results": results,
+    }
+    text = json.dumps(record, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
