@@ -20,11 +20,20 @@ from torchvision.ops import batched_nms, box_area, box_iou, clip_boxes_to_image,
 from backbones import ShapeSpec
 
 from .boxes import BoxCoder, Matcher, box_loss, sample_balanced
+from .roi_align import sparse_roi_align
+
+
+POOLER_IMPLS = ("auto", "torchvision", "sparse")
 
 
 class RoIPooler(nn.Module):
     """RoIAlign of boxes over one or several levels; a box of side ``s`` reads level
-    ``floor(canonical_level + log2(s / canonical_size))`` clamped to the available levels (FPN paper, eq. 1)."""
+    ``floor(canonical_level + log2(s / canonical_size))`` clamped to the available levels (FPN paper, eq. 1).
+
+    ``impl``: ``torchvision`` (``torchvision.ops.roi_align``), ``sparse`` (the same RoIAlign as a sparse
+    matrix product, much faster on the CPU, see ``heads/roi_align.py``) or ``auto`` (sparse for CPU
+    tensors with a fixed ``sampling_ratio``, torchvision's kernel otherwise).
+    """
 
     def __init__(
         self,
@@ -34,8 +43,14 @@ class RoIPooler(nn.Module):
         aligned: bool = True,
         canonical_size: int = 224,
         canonical_level: int = 4,
+        impl: str = "auto",
     ):
         super().__init__()
+        if impl not in POOLER_IMPLS:
+            raise ValueError(f"RoI pooler impl must be one of {', '.join(POOLER_IMPLS)}, got {impl!r}")
+        if impl == "sparse" and sampling_ratio <= 0:
+            raise ValueError("the sparse RoI pooler needs sampling_ratio > 0")
+        self.impl = impl
         self.scales = [1.0 / s for s in strides]
         self.output_size, self.sampling_ratio, self.aligned = output_size, sampling_ratio, aligned
         self.min_level = int(math.log2(strides[0]))
@@ -49,19 +64,23 @@ class RoIPooler(nn.Module):
         level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_size) + 1e-6)
         return (level.clamp(self.min_level, self.max_level) - self.min_level).to(torch.int64)
 
+    def _align(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        sparse = self.impl == "sparse" or (self.impl == "auto" and feature.device.type == "cpu" and self.sampling_ratio > 0)
+        align = sparse_roi_align if sparse else roi_align
+        return align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
+
     def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         """``(R, C, S, S)`` for the boxes of all images, in order."""
         index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
         rois = torch.cat([index, torch.cat(boxes)], dim=1)  # (R, 5): image index, x1, y1, x2, y2
         if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned)
+            return self._align(features[0], rois, self.scales[0])
         levels = self.level_of(rois[:, 1:])
         out = rois.new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size),
                              dtype=features[0].dtype)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             selected = torch.where(levels == level)[0]
-            pooled = roi_align(feature, rois[selected], self.output_size, scale, self.sampling_ratio, self.aligned)
-            out.index_copy_(0, selected, pooled.to(out.dtype))
+            out.index_copy_(0, selected, self._align(feature, rois[selected], scale).to(out.dtype))
         return out
 
 

@@ -95,3 +95,28 @@ def test_sampler_balances_and_caps():
     assert not (positive & negative).any()
     again, _ = sample_balanced(labels, 16, 0.25)
     assert not torch.equal(again[0], positive[0]) or not torch.equal(again[2], positive[2])  # random draws
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sparse_roi_align_equals_torchvision(aligned, channels_last):
+    from torchvision.ops import roi_align
+
+    from heads.roi_align import sparse_roi_align
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 25, 34)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    features.requires_grad_(True)
+    xy = torch.rand(40, 2) * torch.tensor([130.0, 100.0])
+    rois = torch.cat([torch.randint(0, 2, (40, 1)).float(), xy, xy + torch.rand(40, 2) * 60], dim=1)
+    rois[0, 1:] = torch.tensor([-20.0, -20.0, 200.0, 150.0])  # beyond the map on every side
+    rois[1, 1:] = torch.tensor([10.0, 10.0, 10.5, 10.2])  # smaller than a pixel
+    expected = roi_align(features, rois, 7, 0.25, 2, aligned)
+    got = sparse_roi_align(features, rois, 7, 0.25, 2, aligned)
+    assert (got - expected).abs().max() <= 1e-5
+    grad = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, features, grad)
+    (got_grad,) = torch.autograd.grad(got, features, grad)
+    assert (got_grad - expected_grad).abs().max() <= 1e-5
