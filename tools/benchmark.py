@@ -114,8 +114,14 @@ class Runner:
         self.model.eval()
         images = [torch.zeros(3, height, width, dtype=torch.uint8)]
         images, _ = self.inputs(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+        poolers = [m for m in self.model.modules() if hasattr(m, "impl")]
+        impls = [m.impl for m in poolers]
+        for m in poolers:  # the sparse RoIAlign would be counted as a dense product
+            m.impl = "torchvision"
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             self.model(images)
+        for m, impl in zip(poolers, impls):
+            m.impl = impl
         result = {
             "seconds_per_iteration": median,
             "images_per_second": batch_size / median,
@@ -168,10 +174,13 @@ def benchmark_models(args, config) -> dict:
 def benchmark_data(args, config) -> dict:
     from torch.utils.data import DataLoader
 
+    from tasks.engine import TrainingStream
+
     task = get_task(config.task)
     dataset = task.train_dataset(config)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=task.collate,
-                        num_workers=config.data.num_workers, persistent_workers=config.data.num_workers > 0)
+    groups = getattr(dataset, "aspect_groups", lambda: None)()
+    stream = TrainingStream(len(dataset), args.batch_size, config.seed, group_ids=groups)  # the training order
+    loader = DataLoader(dataset, batch_sampler=stream, collate_fn=task.collate, num_workers=config.data.num_workers)
     iterator = iter(loader)
     for _ in range(args.warmup):
         next(iterator)
