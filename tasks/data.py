@@ -1,16 +1,14 @@
-"""Data glue shared by the tasks: image decoding, the shortest-edge resize, aspect-ratio grouped batches."""
+"""Data glue shared by the tasks: image decoding and the shortest-edge resize."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 from torchvision.io import ImageReadMode, decode_image
 
 
@@ -64,41 +62,3 @@ class ShortestEdgeResize(A.DualTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("short_sizes", "max_size")
-
-
-class GroupedBatchSampler(Sampler[list[int]]):
-    """Batches whose images share an aspect-ratio group (landscape or portrait), so padding wastes little.
-
-    Draws indices from ``sampler`` in its order and emits a batch as soon as one group has
-    ``batch_size`` of them; leftovers at the end of an epoch are emitted unless ``drop_last``.
-    """
-
-    def __init__(self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int, drop_last: bool = False):
-        self.sampler, self.group_ids, self.batch_size, self.drop_last = sampler, list(group_ids), batch_size, drop_last
-
-    def __iter__(self) -> Iterator[list[int]]:
-        buffers: dict[int, list[int]] = {}
-        for index in self.sampler:
-            buffer = buffers.setdefault(self.group_ids[index], [])
-            buffer.append(index)
-            if len(buffer) == self.batch_size:
-                yield buffer[:]
-                buffer.clear()
-        if not self.drop_last:
-            leftovers = [i for buffer in buffers.values() for i in buffer]
-            for start in range(0, len(leftovers), self.batch_size):
-                yield leftovers[start : start + self.batch_size]
-
-    def __len__(self) -> int:
-        counts: dict[int, int] = {}
-        for index in self.sampler:
-            counts[self.group_ids[index]] = counts.get(self.group_ids[index], 0) + 1
-        full = sum(c // self.batch_size for c in counts.values())
-        leftover = sum(c % self.batch_size for c in counts.values())
-        return full if self.drop_last else full + -(-leftover // self.batch_size)
-
-
-def seed_worker(worker_id: int) -> None:  # pragma: no cover - runs in loader workers
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)

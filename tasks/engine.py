@@ -332,6 +332,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
     if accelerator.is_main_process:
         write_json(output_dir / "metrics.json", {"iteration": progress.iteration, **metrics})
         task.visualize(accelerator.unwrap_model(model), val_set, output_dir / "visualizations", config)
+    accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
     accelerator.end_training()
     return TrainResult(output_dir, metrics, progress.iteration)
 

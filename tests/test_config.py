@@ -63,17 +63,17 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").gl
 def test_every_shipped_config_loads_and_builds(path):
     import torch
 
-    from tasks.detection import build_detector
+    from tasks.tasks import get_task
 
     config = load_config(path, ["model.backbone.weights=null"])
     with torch.device("meta"):
-        model = build_detector(config.model)
+        model = get_task(config.task).build_model(config)
     depth = config.model["backbone"].get("depth")
     if "r101" in path.stem:
         assert depth == 101
     if "_3x" in path.stem:
         assert config.train.max_iters == 270000 and config.train.steps == [210000, 250000]
-    assert model.roi_heads.num_classes == config.model["num_classes"]
+    assert model.num_classes == config.model["num_classes"]
 
 
 def test_depth_swap_is_one_key():

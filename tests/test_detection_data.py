@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.data import GroupedBatchSampler, read_image, shortest_edge_size
+from tasks.data import read_image, shortest_edge_size
 from tasks.detection.data import CocoDetection, detection_transform
 
 TINYCOCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinycoco"
@@ -91,15 +91,21 @@ def test_shortest_edge_size_caps_the_longer_side():
     assert shortest_edge_size(400, 1200, 800, 1333) == (444, 1333)
 
 
-def test_grouped_batches_share_orientation():
+def test_training_stream_batches_share_orientation_and_shard_the_data():
+    from itertools import islice
+
+    from tasks.engine import TrainingStream
+
     data = dataset("train2017", train=True)
     groups = data.aspect_groups()
-    sampler = GroupedBatchSampler(torch.utils.data.RandomSampler(data), groups, batch_size=4)
-    batches = list(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(len(data)))
-    assert len(batches) == len(sampler)
-    full = [b for b in batches if len(b) == 4]
-    assert all(len({groups[i] for i in b}) == 1 for b in full)
+    assert set(groups) == {0, 1}  # the tinycoco photos include portrait and landscape ones
+    batches = list(islice(iter(TrainingStream(len(data), 4, seed=0, group_ids=groups)), 20))
+    assert all(len({groups[i] for i, _ in b}) == 1 for b in batches)
+    rank0 = [i for b in islice(iter(TrainingStream(len(data), 2, 0, 0, 2)), 7) for i, _ in b]
+    rank1 = [i for b in islice(iter(TrainingStream(len(data), 2, 0, 1, 2)), 7) for i, _ in b]
+    assert not set(rank0) & set(rank1) and len(set(rank0) | set(rank1)) == 28  # disjoint shards of an epoch
+    again = list(islice(iter(TrainingStream(len(data), 4, seed=0, group_ids=groups)), 20))
+    assert again == batches  # reproducible from the seed
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA"])

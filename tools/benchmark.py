@@ -8,7 +8,8 @@ train: full training steps (forward, backward, SGD step) on synthetic images and
 infer: forward in eval mode with post-processing; data: the config's training data loader (images per
 second with ``data.num_workers`` workers). Prints and writes images/second, seconds/iteration (median of
 the timed iterations), peak memory (CUDA max allocated, or the process's peak RSS on the CPU), parameters
-and GFLOPs (multiply-adds x 2 of one forward in eval mode). With ``--compare torchvision`` both models run
+and GFLOPs (multiply-adds x 2 of one forward in eval mode on a blank image; the heads' share depends on
+how many proposals survive NMS). With ``--compare torchvision`` both models run
 in the same process on the same inputs, alternating iteration by iteration, and ``time_ratio`` and
 ``memory_ratio`` (ours / theirs) are reported.
 """
@@ -46,9 +47,10 @@ def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, 
     return images, targets
 
 
-def torchvision_detector(config) -> torch.nn.Module:
+def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
     """torchvision's Faster R-CNN R50-FPN with the config's classes, FrozenBN and 3 trainable stages: the
-    settings of its own COCO training (``fasterrcnn_resnet50_fpn`` with ImageNet weights)."""
+    settings of its own COCO training (``fasterrcnn_resnet50_fpn`` with ImageNet weights). Its internal
+    resize is set to the benchmark's image size, so both models see the same pixels."""
     import torchvision
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -59,7 +61,7 @@ def torchvision_detector(config) -> torch.nn.Module:
     backbone = _resnet_fpn_extractor(body, 3)
     return torchvision.models.detection.FasterRCNN(
         backbone, num_classes=model_cfg.get("num_classes", 80) + 1,
-        min_size=config.data.min_size_test, max_size=config.data.max_size_test,
+        min_size=min(height, width), max_size=max(height, width),
     )
 
 
@@ -147,7 +149,7 @@ def benchmark_models(args, config) -> dict:
     if args.compare == "torchvision":
         if config.task != "detection":
             raise SystemExit("--compare torchvision is implemented for detection configs")
-        runners.append(Runner("torchvision", torchvision_detector(config), args.mode, device, autocast_dtype, True))
+        runners.append(Runner("torchvision", torchvision_detector(config, height, width), args.mode, device, autocast_dtype, True))
     images, targets = synthetic_batch(args.batch_size, height, width, config.model.get("num_classes", 80))
     for runner in runners:  # warm-up, then alternate the models iteration by iteration
         for _ in range(args.warmup):

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         write_json(output_dir / "metrics.json", metrics)
         print(json.dumps(metrics))
+    accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
     accelerator.end_training()
     return 0
 

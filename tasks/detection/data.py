@@ -152,7 +152,7 @@ class CocoDetection(Dataset):
         return len(self.records)
 
     def aspect_groups(self) -> list[int]:
-        """0 for landscape (w >= h), 1 for portrait: the groups of ``GroupedBatchSampler``."""
+        """0 for landscape (w >= h), 1 for portrait: the training stream batches them apart."""
         return [0 if r.width >= r.height else 1 for r in self.records]
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -1,0 +1,32 @@
+"""tools/benchmark.py runs every mode and reports the side-by-side ratios."""
+
+import json
+from pathlib import Path
+
+from tools.benchmark import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINYCOCO = ROOT.parent / "shared" / "data" / "tinycoco"
+
+
+def test_train_and_infer_side_by_side(tmp_path):
+    for mode in ("train", "infer"):
+        out = tmp_path / f"{mode}.json"
+        assert main([str(ROOT / "configs" / "frcnn_r50_fpn_torchvision.yaml"), "--mode", mode, "--compare",
+                     "torchvision", "--device", "cpu", "--batch-size", "1", "--size", "128x160", "--iters", "1",
+                     "--warmup", "0", "--output", str(out), "model.backbone.depth=50"]) == 0
+        record = json.loads(out.read_text())
+        results = record["results"]
+        assert results["ours"]["parameters"] == results["torchvision"]["parameters"]  # the same architecture
+        # FLOPs depend on how many proposals survive NMS (random weights differ): same order of magnitude
+        assert 0.5 < results["ours"]["gflops_per_image"] / results["torchvision"]["gflops_per_image"] < 2
+        assert results["time_ratio"] == results["ours"]["seconds_per_iteration"] / results["torchvision"]["seconds_per_iteration"]
+        assert record["software"]["torch"] and record["hardware"]["cpu_threads"] >= 1
+
+
+def test_data_mode(tmp_path):
+    out = tmp_path / "data.json"
+    assert main([str(ROOT / "configs" / "frcnn_r50.yaml"), "--mode", "data", f"data.root={TINYCOCO}",
+                 "data.train.images=images/train2017", "data.num_workers=0", "--batch-size", "2", "--iters", "3",
+                 "--warmup", "1", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["images_per_second"] > 0
