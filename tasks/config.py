@@ -179,3 +179,15 @@ def resolve_path(root: str | Path, path: str | Path) -> Path:
     """``path`` under ``root`` unless it is absolute."""
     path = Path(path)
     return path if path.is_absolute() else Path(root) / path
+
+
+def load_run(source: str | Path, weights: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, Path | None, Path]:
+    """A run folder (its ``config.yaml`` and ``model.safetensors``) or a config file with ``weights``:
+    returns the config, the run folder (or None) and the weights file."""
+    source = Path(source)
+    run_dir = source if source.is_dir() else None
+    config = load_config(run_dir / "config.yaml" if run_dir else source, overrides)
+    weights = Path(weights) if weights else (run_dir / "model.safetensors" if run_dir else None)
+    if weights is None:
+        raise ConfigError(f"{source} is a config file: give the weights to use (--weights FILE)")
+    return config, run_dir, weights

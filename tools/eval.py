@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from tasks.coco_eval import coco_evaluate, load_results
-from tasks.config import ConfigError, load_config
+from tasks.config import ConfigError, load_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,15 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.source:
         parser.error("give a run folder, a config file with --weights, or --annotations with --results")
 
-    source = Path(args.source)
-    run_dir = source if source.is_dir() else None
     try:
-        config = load_config(run_dir / "config.yaml" if run_dir else source, args.overrides)
+        config, run_dir, weights = load_run(args.source, args.weights, args.overrides)
     except ConfigError as error:
         parser.error(str(error))
-    weights = args.weights or (run_dir / "model.safetensors" if run_dir else None)
-    if weights is None:
-        parser.error("--weights is required with a config file")
     output_dir = Path(args.output_dir or run_dir or config.output_dir)
 
     from tasks.engine import make_accelerator, write_json

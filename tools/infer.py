@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import ConfigError, load_config, resolve_path
+from tasks.config import ConfigError, load_run, resolve_path
 from tasks.detection import build_detector
 from tasks.detection.checkpoint import load_detector_weights
 from tasks.detection.data import load_coco
@@ -98,15 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_intermixed_args(argv)
 
-    source = Path(args.config)
-    run_dir = source if source.is_dir() else None
     try:
-        config = load_config(run_dir / "config.yaml" if run_dir else source, args.overrides)
+        config, run_dir, weights = load_run(args.config, args.weights, args.overrides)
     except ConfigError as error:
         parser.error(str(error))
-    weights = args.weights or (run_dir / "model.safetensors" if run_dir else None)
-    if weights is None:
-        parser.error("--weights is required with a config file")
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

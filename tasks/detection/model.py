@@ -12,6 +12,8 @@ from backbones import FPN, Backbone, build_backbone
 from backbones.build import check_keys
 from heads import FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler, RPN
 
+from ..batching import batch_images
+
 LAYOUTS = ("fpn", "c4", "dc5")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,19 +54,7 @@ class FasterRCNN(nn.Module):
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Normalize each image, then pad all to one ``(N, 3, H, W)`` batch (zeros, bottom and right)."""
-        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        divisor = max(self.backbone.size_divisibility, 1)
-        height = -(-max(h for h, _ in sizes) // divisor) * divisor
-        width = -(-max(w for _, w in sizes) // divisor) * divisor
-        device = self.pixel_mean.device
-        batch = torch.zeros((len(images), 3, height, width), device=device)
-        for i, img in enumerate(images):
-            img = img.to(device, non_blocking=True)
-            img = img.float() / 255 if img.dtype == torch.uint8 else img.float()
-            batch[i, :, : img.shape[-2], : img.shape[-1]] = (img - self.pixel_mean) / self.pixel_std
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch, sizes
+        return batch_images(images, self.pixel_mean, self.pixel_std, self.backbone.size_divisibility, self.channels_last)
 
     def forward(
         self,

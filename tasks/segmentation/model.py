@@ -13,6 +13,7 @@ from backbones import Backbone, build_backbone
 from backbones.build import check_keys
 from heads.fcn import FCNHead, SegmentationHead
 
+from ..batching import batch_images
 from ..detection.model import IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE_INDEX = 255
@@ -43,16 +44,7 @@ class SemanticSegmentor(nn.Module):
         return self.head.head.classifier.out_channels
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
-        divisor = max(self.backbone.size_divisibility, 1)
-        height = -(-max(h for h, _ in sizes) // divisor) * divisor
-        width = -(-max(w for _, w in sizes) // divisor) * divisor
-        batch = torch.zeros((len(images), 3, height, width), device=self.pixel_mean.device)
-        for i, img in enumerate(images):
-            img = img.to(self.pixel_mean.device, non_blocking=True)
-            img = img.float() / 255 if img.dtype == torch.uint8 else img.float()
-            batch[i, :, : img.shape[-2], : img.shape[-1]] = (img - self.pixel_mean) / self.pixel_std
-        return batch, sizes
+        return batch_images(images, self.pixel_mean, self.pixel_std, self.backbone.size_divisibility)
 
     def forward(self, images: Sequence[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
         if self.training and targets is None:

@@ -1,0 +1,27 @@
+"""Turning a list of images into one normalized, padded batch: the first step of every task model."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel_std: torch.Tensor,
+                 size_divisibility: int, channels_last: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Normalize each ``(3, H, W)`` RGB image (``uint8`` 0..255 or float 0..1) with ``pixel_mean`` /
+    ``pixel_std`` (``(3, 1, 1)``, 0..1 units) and zero-pad all, bottom and right, into one
+    ``(N, 3, H, W)`` batch whose sides are multiples of ``size_divisibility`` (0: no constraint), on the
+    device of ``pixel_mean``. Returns the batch and each image's ``(h, w)``."""
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    divisor = max(size_divisibility, 1)
+    height = -(-max(h for h, _ in sizes) // divisor) * divisor
+    width = -(-max(w for _, w in sizes) // divisor) * divisor
+    batch = torch.zeros((len(images), 3, height, width), device=pixel_mean.device)
+    for i, img in enumerate(images):
+        img = img.to(pixel_mean.device, non_blocking=True)
+        img = img.float() / 255 if img.dtype == torch.uint8 else img.float()
+        batch[i, :, : img.shape[-2], : img.shape[-1]] = (img - pixel_mean) / pixel_std
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch, sizes
