@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -223,6 +224,19 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], sour
     report.loaded = strict_load(model, mapped, source, fmt, unexpected)
     logger.info("%s", report)
     return report
+
+
+def remap_keys(state: dict[str, torch.Tensor], mapping: Callable[[str], str | None]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` under the names ``mapping`` gives, and the keys it could not place (BatchNorm's optional
+    ``num_batches_tracked`` aside)."""
+    mapped, unplaced = {}, []
+    for key, tensor in state.items():
+        new_key = mapping(key)
+        if new_key is not None:
+            mapped[new_key] = tensor
+        elif not key.endswith(_OPTIONAL_SUFFIX):
+            unplaced.append(key)
+    return mapped, unplaced
 
 
 def strict_load(

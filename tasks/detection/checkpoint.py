@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from backbones.weights import map_torchvision_resnet_key, read_checkpoint, strict_load
+from backbones.weights import map_torchvision_resnet_key, read_checkpoint, remap_keys, strict_load
 
 from .model import FasterRCNN
 
@@ -53,14 +53,7 @@ def load_detector_weights(model: FasterRCNN, path: str | Path) -> str:
     fmt = detect_detector_format(state)
     unexpected: list[str] = []
     if fmt == "torchvision-detection":
-        mapped = {}
-        for key, tensor in state.items():
-            new_key = _map_torchvision_detection_key(key)
-            if new_key is not None:
-                mapped[new_key] = tensor
-            elif not key.endswith("num_batches_tracked"):
-                unexpected.append(key)
-        state = mapped
+        state, unexpected = remap_keys(state, _map_torchvision_detection_key)
     hint = "is model.num_classes right? torchvision's COCO detectors have 90 classes + background"
     strict_load(model, state, str(path), fmt, unexpected, hint)
     return fmt

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from backbones.weights import map_torchvision_resnet_key, read_checkpoint, strict_load
+from backbones.weights import map_torchvision_resnet_key, read_checkpoint, remap_keys, strict_load
 
 from .model import SemanticSegmentor
 
@@ -30,14 +30,7 @@ def load_segmenter_weights(model: SemanticSegmentor, path: str | Path) -> str:
     unexpected: list[str] = []
     fmt = "torchvision-fcn" if any(k.startswith("classifier.4.") for k in state) else "native"
     if fmt == "torchvision-fcn":
-        mapped = {}
-        for key, tensor in state.items():
-            new_key = map_torchvision_fcn_key(key)
-            if new_key is not None:
-                mapped[new_key] = tensor
-            elif not key.endswith("num_batches_tracked"):
-                unexpected.append(key)
-        state = mapped
+        state, unexpected = remap_keys(state, map_torchvision_fcn_key)
     hint = "is model.num_classes right? torchvision's FCN checkpoints have 21 classes (background + VOC)"
     strict_load(model, state, str(path), fmt, unexpected, hint)
     return fmt
