@@ -16,7 +16,8 @@ def read_image(path: str | Path, image_id: int | str | None = None) -> np.ndarra
     """RGB ``uint8`` array ``(H, W, 3)`` decoded by torchvision's libjpeg-turbo / libpng decoders.
 
     Grayscale, palette and CMYK images come out as RGB. A missing or undecodable file is an error naming
-    the file and the image id.
+    the file and the image id. (torchvision 0.29 marks these decoders deprecated in favour of TorchCodec;
+    they remain the fastest JPEG path installed here.)
     """
     path = Path(path)
     where = f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
