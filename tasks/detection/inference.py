@@ -82,6 +82,8 @@ def draw_detections(
 ) -> Image.Image:
     """The image with its detections of score >= ``min_score`` drawn as boxes with ``name score``."""
     keep = detections["scores"] >= min_score
+    if not keep.any():
+        return Image.fromarray(np.ascontiguousarray(image))
     labels = [f"{names.get(int(label), str(int(label)))} {score:.2f}"
               for label, score in zip(detections["labels"][keep], detections["scores"][keep])]
     canvas = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
