@@ -296,7 +296,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
                     accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            for k, v in losses.items():  # summed on the device: no host synchronisation until the log
+            for k, v in losses.items():  # summed on the device; read back only at the log period
                 window[k] = window.get(k, 0.0) + v.detach().float() / cfg.grad_accum_steps
         scheduler.step()
         progress.iteration += 1

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from backbones import FPN, Backbone, build_backbone
-from backbones.build import check_keys
+from backbones import FPN, Backbone
 from heads import FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler, RPN
 
+from ..assembly import layout_backbone, merged
 from ..batching import batch_images
 
 LAYOUTS = ("fpn", "c4", "dc5")
@@ -127,12 +126,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
-    given = dict(given or {})
-    check_keys(given, tuple(defaults), where)
-    return {**defaults, **given}
-
-
 def build_detector(config: Mapping[str, Any]) -> FasterRCNN:
     """Build a ``FasterRCNN`` from the ``model`` section of a config (see ``DEFAULTS`` for the keys).
 
@@ -141,28 +134,24 @@ def build_detector(config: Mapping[str, Any]) -> FasterRCNN:
     head) or ``dc5`` (res5 dilated to stride 16 feeds RPN and a 7x7 RoIAlign; two fc layers). The
     backbone's ``out_features`` (and, for dc5, ``output_stride``) follow from the layout.
     """
-    top = _merged(DEFAULTS, config, "model")
+    top = merged(DEFAULTS, config, "model")
     layout = top["layout"]
     if layout not in LAYOUTS:
         raise ValueError(f"model.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    backbone_cfg = copy.deepcopy(dict(top["backbone"]))
-    if "out_features" in backbone_cfg:
-        raise ValueError("model.backbone.out_features follows from model.layout; remove it from the config")
-    backbone_cfg["out_features"] = {"fpn": ["res2", "res3", "res4", "res5"], "c4": ["res4", "res5"], "dc5": ["res5"]}[layout]
-    if layout == "dc5":
-        backbone_cfg["output_stride"] = 16
-    backbone = build_backbone(backbone_cfg, where="model.backbone")
+    out_features = {"fpn": ["res2", "res3", "res4", "res5"], "c4": ["res4", "res5"], "dc5": ["res5"]}[layout]
+    decided: dict[str, Any] = {"out_features": out_features, **({"output_stride": 16} if layout == "dc5" else {})}
+    backbone = layout_backbone(top["backbone"], layout, **decided)
 
-    rpn_cfg = _merged(DEFAULTS["rpn"], config.get("rpn"), "model.rpn")
-    roi_cfg = _merged(DEFAULTS["roi_heads"], config.get("roi_heads"), "model.roi_heads")
-    anchors = _merged(_FPN_ANCHORS if layout == "fpn" else _C4_ANCHORS, config.get("anchors"), "model.anchors")
+    rpn_cfg = merged(DEFAULTS["rpn"], config.get("rpn"), "model.rpn")
+    roi_cfg = merged(DEFAULTS["roi_heads"], config.get("roi_heads"), "model.roi_heads")
+    anchors = merged(_FPN_ANCHORS if layout == "fpn" else _C4_ANCHORS, config.get("anchors"), "model.anchors")
     pooler_resolution = roi_cfg.pop("pooler_resolution") or (14 if layout == "c4" else 7)
     pooler_kwargs = {k: roi_cfg.pop(k) for k in ("sampling_ratio", "aligned")}
     pooler_kwargs["impl"] = roi_cfg.pop("pooler_impl")
     num_fc, fc_dim = roi_cfg.pop("num_fc"), roi_cfg.pop("fc_dim")
 
     if layout == "fpn":
-        fpn_cfg = _merged(DEFAULTS["fpn"], config.get("fpn"), "model.fpn")
+        fpn_cfg = merged(DEFAULTS["fpn"], config.get("fpn"), "model.fpn")
         backbone = FPN(backbone, ["res2", "res3", "res4", "res5"], **fpn_cfg)
         shapes = backbone.output_shape()
         rpn_features = list(shapes)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones import Backbone, build_backbone
-from backbones.build import check_keys
+from backbones import Backbone
 from heads.fcn import FCNHead, SegmentationHead
 
+from ..assembly import layout_backbone, merged
 from ..batching import batch_images
 from ..detection.model import IMAGENET_MEAN, IMAGENET_STD
 
@@ -88,24 +87,19 @@ def build_segmenter(config: Mapping[str, Any]) -> SemanticSegmentor:
     ``res3`` as in Long et al.). ``aux`` adds an FCN head on ``res4`` whose loss is weighted by
     ``aux_weight``. The backbone's ``out_features`` follow from the layout.
     """
-    given = dict(config)
-    check_keys(given, tuple(DEFAULTS), "model")
-    cfg = {**DEFAULTS, **given}
+    cfg = merged(DEFAULTS, config, "model")
     layout = cfg["layout"]
     if layout not in LAYOUTS:
         raise ValueError(f"model.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    backbone_cfg = copy.deepcopy(dict(cfg["backbone"]))
-    if "out_features" in backbone_cfg:
-        raise ValueError("model.backbone.out_features follows from model.layout; remove it from the config")
     in_features = LAYOUTS[layout] or ["res5"]
     wanted = set(in_features) | ({"res4"} if cfg["aux"] else set())
-    backbone_cfg["out_features"] = [f for f in ("res2", "res3", "res4", "res5") if f in wanted]
+    decided: dict[str, Any] = {"out_features": [f for f in ("res2", "res3", "res4", "res5") if f in wanted]}
     if layout == "fcn":
-        backbone_cfg["output_stride"] = cfg["output_stride"]
-    elif given.get("output_stride", 32) != 32:
+        decided["output_stride"] = cfg["output_stride"]
+    elif dict(config).get("output_stride", 32) != 32:
         raise ValueError(f"model.output_stride applies to layout fcn; {layout} needs an undilated backbone "
                          "(output_stride 32)")
-    backbone = build_backbone(backbone_cfg, where="model.backbone")
+    backbone = layout_backbone(cfg["backbone"], layout, **decided)
     shapes = backbone.output_shape()
     head = SegmentationHead(shapes, in_features, cfg["num_classes"], cfg["head_norm"], cfg["dropout"])
     aux_head = FCNHead(shapes["res4"].channels, cfg["num_classes"], cfg["head_norm"], cfg["dropout"]) if cfg["aux"] else None
