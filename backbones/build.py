@@ -14,7 +14,7 @@ from .weights import load_pretrained
 # name -> (builder taking the remaining keys, the keys it accepts besides `name` and `weights`)
 _RESNET_KEYS = (
     "depth", "out_features", "stride_in_1x1", "shortcut", "residual", "preact", "norm", "freeze_at",
-    "zero_init_residual", "output_stride", "family", "in_channels",
+    "zero_init_residual", "output_stride", "family", "in_channels", "fold_frozen_bn",
 )
 _TIMM_KEYS = ("model", "out_features", "output_stride", "norm", "freeze_at", "in_channels")
 _FPN_KEYS = ("bottom_up", "in_features", "out_channels", "top_block")

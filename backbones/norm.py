@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -55,3 +56,17 @@ def freeze(module: nn.Module) -> nn.Module:
     for param in module.parameters():
         param.requires_grad_(False)
     return module
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, fold: bool = False) -> torch.Tensor:
+    """``norm(conv(x))``. With ``fold`` and a FrozenBatchNorm2d, the norm's fixed affine is folded into the
+    convolution instead: ``conv(x, w * scale) + (bias - mean * scale)`` with ``scale = gamma / sqrt(var +
+    eps)``, one pass over the activations fewer in the forward and in the backward pass. Mathematically the
+    same; the results differ by float rounding. Gradients still reach ``conv.weight``."""
+    if not (fold and isinstance(norm, FrozenBatchNorm2d)):
+        return norm(conv(x))
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    bias = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias)

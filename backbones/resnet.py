@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Backbone, ShapeSpec
-from .norm import NORMS, freeze, make_norm
+from .norm import NORMS, conv_norm, freeze, make_norm
 
 
 class DepthSpec(NamedTuple):
@@ -72,9 +72,10 @@ class Stem(nn.Module):
         self.pool = nn.MaxPool2d(3, 2, 1) if family == "imagenet" else nn.Identity()
         self.stride = stride * (2 if family == "imagenet" else 1)
         self.out_channels = out_channels
+        self.fold_frozen_bn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(F.relu(self.norm(self.conv(x)), inplace=True))
+        return self.pool(F.relu(conv_norm(self.conv, self.norm, x, self.fold_frozen_bn), inplace=True))
 
 
 class ZeroPadShortcut(nn.Module):
@@ -100,9 +101,10 @@ class Projection(nn.Module):
         super().__init__()
         self.conv = _conv(in_channels, out_channels, 1, stride)
         self.norm = make_norm(norm, out_channels) if norm else nn.Identity()
+        self.fold_frozen_bn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x))
+        return conv_norm(self.conv, self.norm, x, self.fold_frozen_bn)
 
 
 class ResidualBlock(nn.Module):
@@ -133,6 +135,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.preact = preact
         self.preactivate_input = preactivate_input
+        self.fold_frozen_bn = False
         if block == "basic":
             convs = [(in_channels, out_channels, 3, stride, dilation), (out_channels, out_channels, 3, 1, dilation)]
         else:
@@ -177,7 +180,7 @@ class ResidualBlock(nn.Module):
 
         out = x
         for i in range(1, self.num_convs + 1):
-            out = getattr(self, f"norm{i}")(getattr(self, f"conv{i}")(out))
+            out = conv_norm(getattr(self, f"conv{i}"), getattr(self, f"norm{i}"), out, self.fold_frozen_bn)
             if i < self.num_convs:
                 out = F.relu(out, inplace=True)
         if self.shortcut is not None:
@@ -209,6 +212,9 @@ class ResNet(Backbone):
             torchvision, the first block of a dilated stage keeps the previous dilation.
         family: "imagenet" or "cifar".
         in_channels: channels of the input images.
+        fold_frozen_bn: compute each conv followed by a FrozenBN (``norm: FrozenBN``, or the frozen stages
+            of any norm) as one convolution with the norm folded into its weights and bias: a speed option
+            (fewer passes over the activations), equal to float rounding (see ``conv_norm``).
     """
 
     def __init__(
@@ -226,6 +232,7 @@ class ResNet(Backbone):
         output_stride: int | None = None,
         family: str = "imagenet",
         in_channels: int = 3,
+        fold_frozen_bn: bool = False,
     ):
         super().__init__()
         spec = depth_spec(depth, family)
@@ -303,6 +310,10 @@ class ResNet(Backbone):
         self.freeze_at = freeze_at
         for module in self.frozen_modules():
             freeze(module)
+        self.fold_frozen_bn = fold_frozen_bn
+        for module in self.modules():
+            if isinstance(module, (Stem, Projection, ResidualBlock)):
+                module.fold_frozen_bn = fold_frozen_bn
 
     def pop_stage(self, name: str) -> nn.Module:
         """Remove the last built stage from this backbone and return it; the C4 detector runs ``res5`` on

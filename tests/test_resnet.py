@@ -226,3 +226,32 @@ def test_he_init_fan_out():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ResNet(**kwargs)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_frozen_bn_computes_the_same_outputs_and_gradients(depth, channels_last):
+    """fold_frozen_bn runs conv+FrozenBN as one convolution: the same outputs and the same gradients for
+    the trainable conv weights as the conv followed by torchvision's FrozenBatchNorm2d (in float64, where
+    rounding does not hide a wrong formula)."""
+    from tests.conftest import randomize_frozen_
+
+    torch.manual_seed(0)
+    plain = randomize_frozen_(ResNet(depth, ["res3", "res4"], norm="FrozenBN", freeze_at=2, stride_in_1x1=False))
+    folded = ResNet(depth, ["res3", "res4"], norm="FrozenBN", freeze_at=2, stride_in_1x1=False, fold_frozen_bn=True)
+    folded.load_state_dict(plain.state_dict())
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    plain, folded = (m.to(torch.float64, memory_format=memory_format) for m in (plain, folded))
+    images = torch.randn(2, 3, 96, 128, dtype=torch.float64).contiguous(memory_format=memory_format)
+    grads = []
+    for model in (plain, folded):
+        outputs = model(images)
+        (outputs["res3"].square().mean() + outputs["res4"].mean()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name in outputs:
+        expected, got = plain(images)[name], folded(images)[name]
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
+    assert grads[0].keys() == grads[1].keys() and "res3.0.conv1.weight" in grads[0]
+    assert "stem.conv.weight" not in grads[0]  # frozen stem: no gradient either way
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-7, atol=1e-9 * expected.abs().max().item())
