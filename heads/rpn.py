@@ -16,7 +16,11 @@ from .boxes import BoxCoder, Matcher, box_loss, sample_balanced
 
 
 class RPNHead(nn.Module):
-    """Shared 3x3 conv + ReLU, then per anchor an objectness logit and four box deltas (1x1 convs)."""
+    """Shared 3x3 conv + ReLU, then per anchor an objectness logit and four box deltas (1x1 convs).
+
+    ``forward`` runs the head over whole maps (for proposals); ``at`` runs it at chosen anchors only (for
+    the losses, which read a few hundred anchors per image).
+    """
 
     def __init__(self, in_channels: int, num_anchors: int):
         super().__init__()
@@ -39,6 +43,42 @@ class RPNHead(nn.Module):
             logits.append(out[:, :num_anchors])  # (N, A, H, W)
             deltas.append(out[:, num_anchors:])  # (N, A*4, H, W)
         return logits, deltas
+
+    def at(self, features: list[torch.Tensor], image: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's objectness logit ``(S,)`` and deltas ``(S, 4)`` for single anchors: ``image[i]`` and
+        ``index[i]`` (into the anchors of all levels in ``flatten_levels`` order). The same function as
+        ``forward`` read at those anchors, but the 3x3 conv is computed only at their locations (as a
+        product with the gathered 3x3 patches), so the backward pass costs nothing on the rest of the maps:
+        on a whole map it is the largest convolution backward of an FPN detector's training step."""
+        num_anchors = self.objectness.out_channels
+        sizes = torch.tensor([f.shape[-2] * f.shape[-1] * num_anchors for f in features], device=index.device)
+        ends = sizes.cumsum(0)
+        level = torch.searchsorted(ends, index, right=True)
+        conv_weight = self.conv.weight.permute(0, 2, 3, 1).flatten(1)  # (C_out, 3 * 3 * C_in), (ky, kx, c)
+        head_weight = torch.cat([self.objectness.weight, self.deltas.weight]).flatten(1)
+        head_bias = torch.cat([self.objectness.bias, self.deltas.bias])
+        offsets = torch.arange(-1, 2, device=index.device)  # 3x3 window, padding 1
+        rows, logits, deltas = [], [], []
+        for lvl, feature in enumerate(features):
+            row = torch.where(level == lvl)[0]
+            height, width = feature.shape[-2:]
+            local = index[row] - (ends[lvl] - sizes[lvl])
+            location, anchor = local // num_anchors, local % num_anchors
+            ys = (location // width)[:, None, None] + offsets[None, :, None]  # (S, 3, 1)
+            xs = (location % width)[:, None, None] + offsets[None, None, :]  # (S, 1, 3)
+            inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)  # zero padding outside the map
+            patches = feature.permute(0, 2, 3, 1)[
+                image[row][:, None, None], ys.clamp(0, height - 1), xs.clamp(0, width - 1)
+            ]  # (S, 3, 3, C)
+            patches = patches * inside[..., None].to(patches.dtype)
+            hidden = F.relu(F.linear(patches.flatten(1), conv_weight, self.conv.bias))
+            out = F.linear(hidden, head_weight, head_bias)  # (S, A + A * 4)
+            picked = torch.arange(len(row), device=index.device)
+            rows.append(row)
+            logits.append(out[picked, anchor])
+            deltas.append(out[:, num_anchors:].reshape(-1, num_anchors, 4)[picked, anchor])
+        order = torch.cat(rows).argsort()
+        return torch.cat(logits)[order], torch.cat(deltas)[order]
 
 
 def flatten_levels(logits: list[torch.Tensor], deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,18 +158,19 @@ class RPN(nn.Module):
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Proposals ``[(K_i, 4)]`` per image (detached) and, when ``targets`` are given, the losses."""
         maps = [features[f] for f in self.in_features]
-        logits, deltas = self.head(maps)
+        with torch.no_grad():  # proposals carry no gradient; the losses recompute the head where they read it
+            logits, deltas = self.head(maps)
         padded_size = (maps[0].shape[-2] * self.anchor_generator.strides[0], maps[0].shape[-1] * self.anchor_generator.strides[0])
         anchors = self.anchor_generator([tuple(m.shape[-2:]) for m in maps], padded_size)
         per_level = [a.shape[0] for a in anchors]
         all_anchors = torch.cat(anchors)  # (A_total, 4)
         logits, deltas = flatten_levels(logits, deltas)  # (N, A_total), (N, A_total, 4)
 
-        boxes = self.box_coder.decode(deltas.detach(), all_anchors.unsqueeze(0)).view(len(image_sizes), -1, 4)
-        proposals = self.select_proposals(boxes, logits.detach(), image_sizes, per_level)
+        boxes = self.box_coder.decode(deltas, all_anchors.unsqueeze(0)).view(len(image_sizes), -1, 4)
+        proposals = self.select_proposals(boxes, logits, image_sizes, per_level)
         losses: dict[str, torch.Tensor] = {}
         if targets is not None:
-            losses = self.losses(all_anchors, logits, deltas, targets)
+            losses = self.losses(maps, all_anchors, targets)
         return proposals, losses
 
     def select_proposals(
@@ -185,19 +226,19 @@ class RPN(nn.Module):
         return torch.stack(labels), torch.stack(matched_boxes)
 
     def losses(
-        self,
-        anchors: torch.Tensor,
-        logits: torch.Tensor,
-        deltas: torch.Tensor,
-        targets: list[dict[str, torch.Tensor]],
+        self, maps: list[torch.Tensor], anchors: torch.Tensor, targets: list[dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
+        """Binary cross-entropy on the sampled anchors and the box loss on the positive ones, both over the
+        number sampled. The head's outputs are computed for the sampled anchors alone (``RPNHead.at``)."""
         labels, matched_boxes = self.label_anchors(anchors, targets)
         positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
-        sampled = positive | negative
-        num_sampled = sampled.sum().clamp(min=1)
-        target_deltas = self.box_coder.encode(matched_boxes[positive], anchors.expand_as(deltas)[positive])
-        loss_box = box_loss(deltas[positive], target_deltas, self.box_loss_type, self.smooth_l1_beta) / num_sampled
+        image, index = torch.where(positive | negative)
+        num_sampled = max(len(index), 1)
+        logits, deltas = self.head.at(maps, image, index)
+        is_positive = positive[image, index]
+        target_deltas = self.box_coder.encode(matched_boxes[image, index][is_positive], anchors[index][is_positive])
+        loss_box = box_loss(deltas[is_positive], target_deltas, self.box_loss_type, self.smooth_l1_beta) / num_sampled
         loss_objectness = F.binary_cross_entropy_with_logits(
-            logits[sampled], positive[sampled].to(logits.dtype), reduction="sum"
+            logits, is_positive.to(logits.dtype), reduction="sum"
         ) / num_sampled
         return {"loss_rpn_objectness": loss_objectness, "loss_rpn_box": loss_box}

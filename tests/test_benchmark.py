@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
-from tools.benchmark import main
+import torch
+
+from tools.benchmark import Runner, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINYCOCO = ROOT.parent / "shared" / "data" / "tinycoco"
@@ -30,3 +32,14 @@ def test_data_mode(tmp_path):
                  "data.train.images=images/train2017", "data.num_workers=0", "--batch-size", "2", "--iters", "3",
                  "--warmup", "1", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["results"]["images_per_second"] > 0
+
+
+def test_state_bytes_counts_parameters_gradients_and_optimizer_state():
+    """What a model keeps between steps (the GPU peak memory adds it to what a step allocates)."""
+    model = torch.nn.Linear(10, 4)  # 44 parameters
+    model.register_buffer("counter", torch.zeros(3, dtype=torch.int64))
+    runner = Runner("m", model, "train", torch.device("cpu"), None, False)
+    assert runner.state_bytes() == 44 * 4 + 3 * 8
+    model(torch.randn(2, 10)).sum().backward()
+    runner.optimizer.step()  # SGD with momentum: one buffer per parameter
+    assert runner.state_bytes() == 3 * 44 * 4 + 3 * 8

@@ -120,3 +120,58 @@ def test_sparse_roi_align_equals_torchvision(aligned, channels_last):
     (expected_grad,) = torch.autograd.grad(expected, features, grad)
     (got_grad,) = torch.autograd.grad(got, features, grad)
     assert (got_grad - expected_grad).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rpn_losses_from_sampled_anchors_equal_the_full_head(channels_last):
+    """The RPN computes its head for the loss only at the sampled anchors (RPNHead.at): the same losses and
+    the same gradients (features and every head parameter) as the head run over whole maps and read at
+    those anchors, in float64 so that only a wrong formula could tell them apart."""
+    import torch.nn.functional as F
+
+    from backbones import ShapeSpec
+    from heads import RPN
+    from heads.rpn import flatten_levels
+
+    torch.manual_seed(0)
+    shapes = {"p2": ShapeSpec(8, 4), "p3": ShapeSpec(8, 8), "p4": ShapeSpec(8, 16)}
+    rpn = RPN(shapes, ["p2", "p3", "p4"], anchor_sizes=((16,), (32,), (64,)), batch_size_per_image=64).double()
+    for p in rpn.head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    maps = [torch.randn(2, 8, 128 // s, 160 // s, dtype=torch.float64).contiguous(memory_format=memory_format)
+            for s in (4, 8, 16)]
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 30.0, 24.0], [60.0, 40.0, 124.0, 100.0]], dtype=torch.float64),
+                "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[100.0, 90.0, 160.0, 128.0]], dtype=torch.float64), "labels": torch.tensor([1])}]
+
+    def grads(losses, inputs):
+        total = losses["loss_rpn_objectness"] + losses["loss_rpn_box"]
+        return torch.autograd.grad(total, inputs)
+
+    features = [m.detach().requires_grad_() for m in maps]
+    torch.manual_seed(1)
+    _, losses = rpn.train()(dict(zip(["p2", "p3", "p4"], features)), [(128, 160)] * 2, targets)
+    got = grads(losses, features + list(rpn.head.parameters()))
+
+    # reference: the head over whole maps, then the anchors read out of its flattened outputs
+    features = [m.detach().requires_grad_() for m in maps]
+    logits, deltas = flatten_levels(*rpn.head(features))
+    anchors = torch.cat(rpn.anchor_generator([tuple(m.shape[-2:]) for m in maps], (128, 160)))
+    labels, matched = rpn.label_anchors(anchors, targets)
+    torch.manual_seed(1)
+    positive, negative = sample_balanced(labels, 64, 0.5)
+    sampled = positive | negative
+    assert positive.sum() >= 3 and sampled.sum() > 100
+    num = sampled.sum()
+    expected_losses = {
+        "loss_rpn_box": F.smooth_l1_loss(deltas[positive], rpn.box_coder.encode(matched[positive], anchors.expand_as(deltas)[positive]),
+                                         beta=1 / 9, reduction="sum") / num,
+        "loss_rpn_objectness": F.binary_cross_entropy_with_logits(logits[sampled], positive[sampled].double(), reduction="sum") / num,
+    }
+    expected = grads(expected_losses, features + list(rpn.head.parameters()))
+    for key in expected_losses:
+        torch.testing.assert_close(losses[key], expected_losses[key], rtol=1e-12, atol=0)
+    assert all(g.abs().sum() > 0 for g in expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

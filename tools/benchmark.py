@@ -7,7 +7,9 @@
 train: full training steps (forward, backward, SGD step) on synthetic images and boxes of the given size;
 infer: forward in eval mode with post-processing; data: the config's training data loader (images per
 second with ``data.num_workers`` workers). Prints and writes images/second, seconds/iteration (median of
-the timed iterations), peak memory (CUDA max allocated, or the process's peak RSS on the CPU), parameters
+the timed iterations), peak memory (CUDA: what a step allocates on top of what was on the device before
+it, plus the model's own parameters, buffers, gradients and optimizer state, so the other model of a
+comparison is not counted; CPU: the process's peak RSS), parameters
 and GFLOPs (multiply-adds x 2 of one forward in eval mode on a blank image; the heads' share depends on
 how many proposals survive NMS). With ``--compare torchvision`` both models run
 in the same process on the same inputs, alternating iteration by iteration, and ``time_ratio`` and
@@ -99,15 +101,27 @@ class Runner:
             with torch.no_grad(), autocast:
                 self.model(images)
 
+    def state_bytes(self) -> int:
+        """Bytes this model keeps between steps: parameters, buffers, gradients and optimizer state."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == self.device.type)
+
     def timed_step(self, images, targets) -> None:
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            baseline = torch.cuda.memory_allocated(self.device)
+            own = self.state_bytes()
         start = time.perf_counter()
         self.step(images, targets)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+            # both models live on the device: count what this step allocated on top of everything that
+            # was there before it, plus this model's own state (not the other model's)
+            step_peak = torch.cuda.max_memory_allocated(self.device) - baseline + own
+            self.peak = max(self.peak, step_peak)
         self.times.append(time.perf_counter() - start)
 
     def summary(self, batch_size: int, height: int, width: int) -> dict:

@@ -89,8 +89,9 @@ DEFAULTS: dict[str, Any] = {
     "num_classes": 80,
     "pixel_mean": list(IMAGENET_MEAN),
     "pixel_std": list(IMAGENET_STD),
-    "channels_last": False,  # NHWC memory format for the convolutions (a speed option; see BENCHMARKS.md)
-    "backbone": {"name": "resnet", "depth": 50, "stride_in_1x1": False, "norm": "FrozenBN", "freeze_at": 2},
+    "channels_last": True,  # NHWC memory format for the convolutions (a speed option; see BENCHMARKS.md)
+    "backbone": {"name": "resnet", "depth": 50, "stride_in_1x1": False, "norm": "FrozenBN", "freeze_at": 2,
+                 "fold_frozen_bn": True},
     "fpn": {"out_channels": 256, "top_block": "maxpool"},
     "anchors": None,  # per layout
     "rpn": {
