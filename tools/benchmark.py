@@ -2,7 +2,7 @@
 
     python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision] [--device cpu|cuda]
         [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
-        [--output FILE.json] [key=value ...]
+        [--output FILE.json] [--cpu-allocator default|retain] [key=value ...]
 
 train: full training steps (forward, backward, SGD step) on synthetic images and boxes of the given size;
 infer: forward in eval mode with post-processing; data: the config's training data loader (images per
@@ -13,13 +13,15 @@ comparison is not counted; CPU: the process's peak RSS), parameters
 and GFLOPs (multiply-adds x 2 of one forward in eval mode on a blank image; the heads' share depends on
 how many proposals survive NMS). With ``--compare torchvision`` both models run
 in the same process on the same inputs, alternating iteration by iteration, and ``time_ratio`` and
-``memory_ratio`` (ours / theirs) are reported.
+``memory_ratio`` (ours / theirs) are reported. ``--cpu-allocator retain`` makes glibc keep freed memory
+for reuse, which takes page-fault time (and its dependence on the other model) out of CPU figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import platform
 import resource
@@ -150,6 +152,20 @@ class Runner:
         return result
 
 
+def retain_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse (no ``mmap`` for large blocks, no trimming)
+    instead of returning it to the system: otherwise every large activation of every step is a fresh
+    mapping that the kernel zero-fills page by page, which costs about a fifth of a CPU training step and
+    varies with what else the process allocated (it slows whichever model runs second in a side-by-side
+    run). Applies to the whole process, so to both models alike. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -224,14 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     parser.add_argument("--output")
+    parser.add_argument("--cpu-allocator", choices=["default", "retain"], default="default",
+                        help="retain: glibc keeps freed memory for reuse (see retain_freed_memory)")
     args = parser.parse_intermixed_args(argv)
     config = load_config(args.config, args.overrides)
+    if args.cpu_allocator == "retain" and not retain_freed_memory():
+        raise SystemExit("--cpu-allocator retain needs glibc's malloc")
     torch.manual_seed(0)
     results = benchmark_data(args, config) if args.mode == "data" else benchmark_models(args, config)
     record = {
         "config": args.config, "overrides": args.overrides, "mode": args.mode, "device": args.device,
         "batch_size": args.batch_size, "size": args.size, "iters": args.iters, "warmup": args.warmup,
-        "mixed_precision": args.mixed_precision, "command": " ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
+        "mixed_precision": args.mixed_precision, "cpu_allocator": args.cpu_allocator, "command": " ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
         "hardware": {"machine": platform.machine(), "processor": platform.processor(),
                      "cpu_threads": torch.get_num_threads(),
                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
