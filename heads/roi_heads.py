@@ -227,7 +227,7 @@ class RoIHeads(nn.Module):
     ) -> dict[str, torch.Tensor]:
         loss_cls = F.cross_entropy(class_logits, labels)
         positive = torch.where(labels > 0)[0]
-        deltas = box_deltas.view(box_deltas.shape[0], -1, 4)[positive, labels[positive]]
+        deltas = box_deltas.view(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)[positive, labels[positive]]
         loss_box = box_loss(deltas, regression_targets[positive], self.box_loss_type, self.smooth_l1_beta)
         return {"loss_cls": loss_cls, "loss_box": loss_box / max(labels.numel(), 1)}
 
@@ -238,7 +238,7 @@ class RoIHeads(nn.Module):
         proposals: list[torch.Tensor],
         image_sizes: list[tuple[int, int]],
     ) -> list[dict[str, torch.Tensor]]:
-        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).view(box_deltas.shape[0], -1, 4)
+        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).view(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)
         scores = F.softmax(class_logits, dim=-1)
         counts = [len(p) for p in proposals]
         results = []

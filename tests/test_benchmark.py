@@ -3,9 +3,12 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from tools.benchmark import Runner, main
+from tasks.config import load_config
+from tasks.detection.model import build_detector
+from tools.benchmark import Runner, main, torchvision_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 TINYCOCO = ROOT.parent / "shared" / "data" / "tinycoco"
@@ -24,6 +27,22 @@ def test_train_and_infer_side_by_side(tmp_path):
         assert 0.5 < results["ours"]["gflops_per_image"] / results["torchvision"]["gflops_per_image"] < 2
         assert results["time_ratio"] == results["ours"]["seconds_per_iteration"] / results["torchvision"]["seconds_per_iteration"]
         assert record["software"]["torch"] and record["hardware"]["cpu_threads"] >= 1
+
+
+@pytest.mark.parametrize("config", ["frcnn_r101.yaml", "frcnn_r50_c4.yaml", "frcnn_r50_dc5.yaml"])
+def test_torchvision_side_has_the_configs_architecture(tmp_path, config):
+    """torchvision's side is assembled to the config's layout and depth: the same parameters, trainable and
+    in all (the ImageNet weights the config names are not needed: the benchmark starts both at random)."""
+    out = tmp_path / "train.json"
+    assert main([str(ROOT / "configs" / config), "--mode", "train", "--compare", "torchvision", "--device", "cpu",
+                 "--batch-size", "1", "--size", "96x128", "--iters", "1", "--warmup", "0", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["ours"]["parameters"] == results["torchvision"]["parameters"]
+    model = load_config(ROOT / "configs" / config).model
+    ours = build_detector({**model, "backbone": {**model["backbone"], "weights": None}})
+    theirs = torchvision_detector(load_config(ROOT / "configs" / config), 96, 128)
+    trainable = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, theirs)]
+    assert trainable[0] == trainable[1]
 
 
 def test_data_mode(tmp_path):

@@ -78,6 +78,19 @@ def test_checkpoint_mismatch_is_explained(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
+@pytest.mark.parametrize("pooler_impl", ["torchvision", "sparse"])
+def test_no_proposal_at_all_gives_empty_detections(layout, pooler_impl):
+    """An RPN that proposes nothing (here: no score passes its threshold) leaves every image with an empty
+    result, not an error."""
+    rpn = {**TINY["rpn"], "score_thresh": 1.1}
+    model = tiny_detector(layout, rpn=rpn, roi_heads={**TINY["roi_heads"], "pooler_impl": pooler_impl}).eval()
+    with torch.no_grad():
+        results = model([torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)] * 2)
+    assert [len(r["boxes"]) for r in results] == [0, 0]
+    assert all(r["boxes"].shape == (0, 4) and len(r["scores"]) == len(r["labels"]) == 0 for r in results)
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
 def test_image_without_boxes_trains_with_zero_box_loss(layout):
     model = tiny_detector(layout).train()
     images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)]

@@ -13,7 +13,9 @@ comparison is not counted; CPU: the process's peak RSS), parameters
 and GFLOPs (multiply-adds x 2 of one forward in eval mode on a blank image; the heads' share depends on
 how many proposals survive NMS). With ``--compare torchvision`` both models run
 in the same process on the same inputs, alternating iteration by iteration, and ``time_ratio`` and
-``memory_ratio`` (ours / theirs) are reported. ``--cpu-allocator retain`` makes glibc keep freed memory
+``memory_ratio`` (ours / theirs) are reported; torchvision's side is assembled to the config's layout (FPN,
+C4 or DC5), depth and settings (``torchvision_detector``). Pretrained weights are not loaded: both models
+start from random weights. ``--cpu-allocator retain`` makes glibc keep freed memory
 for reuse, which takes page-fault time (and its dependence on the other model) out of CPU figures.
 """
 
@@ -52,20 +54,66 @@ def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, 
 
 
 def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
-    """torchvision's Faster R-CNN R50-FPN with the config's classes, FrozenBN and 3 trainable stages: the
-    settings of its own COCO training (``fasterrcnn_resnet50_fpn`` with ImageNet weights). Its internal
-    resize is set to the benchmark's image size, so both models see the same pixels."""
+    """torchvision's ``FasterRCNN`` assembled to the config's architecture: its layout (``fpn``: torchvision's
+    ResNet-FPN backbone; ``c4``: the trunk to ``layer3`` feeds the RPN and a 14x14 RoIAlign, ``layer4`` +
+    average pooling is the box head; ``dc5``: ``layer4`` dilated, one level, 7x7 RoIAlign and two fc
+    layers), depth, classes and anchors, a FrozenBN ResNet with the stem and ``layer1`` frozen (torchvision's
+    own COCO training setting), and the config's RPN and RoI-head sampling, thresholds and top-k. Its
+    internal resize is set to the benchmark's image size, so both models see the same pixels."""
     import torchvision
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
+    from torchvision.ops import MultiScaleRoIAlign
     from torchvision.ops.misc import FrozenBatchNorm2d
 
+    from tasks.assembly import merged
+    from tasks.detection.model import DEFAULTS
+
     model_cfg = config.model
-    depth = model_cfg.get("backbone", {}).get("depth", 50)
-    body = getattr(torchvision.models, f"resnet{depth}")(norm_layer=FrozenBatchNorm2d)
-    backbone = _resnet_fpn_extractor(body, 3)
-    return torchvision.models.detection.FasterRCNN(
-        backbone, num_classes=model_cfg.get("num_classes", 80) + 1,
+    top = merged(DEFAULTS, model_cfg, "model")
+    rpn = merged(DEFAULTS["rpn"], model_cfg.get("rpn"), "model.rpn")
+    roi = merged(DEFAULTS["roi_heads"], model_cfg.get("roi_heads"), "model.roi_heads")
+    layout = top["layout"]
+    settings = dict(
         min_size=min(height, width), max_size=max(height, width),
+        rpn_pre_nms_top_n_train=rpn["pre_nms_topk"][0], rpn_pre_nms_top_n_test=rpn["pre_nms_topk"][1],
+        rpn_post_nms_top_n_train=rpn["post_nms_topk"][0], rpn_post_nms_top_n_test=rpn["post_nms_topk"][1],
+        rpn_nms_thresh=rpn["nms_thresh"], rpn_fg_iou_thresh=rpn["iou_thresholds"][1],
+        rpn_bg_iou_thresh=rpn["iou_thresholds"][0], rpn_batch_size_per_image=rpn["batch_size_per_image"],
+        rpn_positive_fraction=rpn["positive_fraction"], box_score_thresh=roi["score_thresh"],
+        box_nms_thresh=roi["nms_thresh"], box_detections_per_img=roi["detections_per_image"],
+        box_fg_iou_thresh=roi["fg_iou"], box_bg_iou_thresh=roi["bg_iou"],
+        box_batch_size_per_image=roi["batch_size_per_image"], box_positive_fraction=roi["positive_fraction"],
+    )
+    num_classes = top["num_classes"] + 1
+    body = getattr(torchvision.models, f"resnet{top['backbone'].get('depth', 50)}")(
+        norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, layout == "dc5"]
+    )
+    if layout == "fpn":
+        return torchvision.models.detection.FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=num_classes, **settings)
+
+    for module in (body.conv1, body.layer1):
+        module.requires_grad_(False)
+    anchors = merged({"sizes": [[32, 64, 128, 256, 512]], "aspect_ratios": [[0.5, 1.0, 2.0]]},
+                     {k: v for k, v in dict(model_cfg.get("anchors") or {}).items() if k != "grid_stride"}, "model.anchors")
+    anchor_generator = AnchorGenerator((tuple(anchors["sizes"][0]),), (tuple(anchors["aspect_ratios"][0]),))
+    stem = [body.conv1, body.bn1, body.relu, body.maxpool, body.layer1, body.layer2, body.layer3]
+    channels = {"res4": body.layer3[-1].conv1.in_channels, "res5": body.layer4[-1].conv1.in_channels}
+    if layout == "c4":
+        trunk, trunk_channels = torch.nn.Sequential(*stem), channels["res4"]
+        box_head = torch.nn.Sequential(body.layer4, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        resolution, head_channels = roi["pooler_resolution"] or 14, channels["res5"]
+    else:
+        trunk, trunk_channels = torch.nn.Sequential(*stem, body.layer4), channels["res5"]
+        resolution, head_channels = roi["pooler_resolution"] or 7, roi["fc_dim"]
+        box_head = TwoMLPHead(trunk_channels * resolution**2, head_channels)
+    trunk.out_channels = trunk_channels
+    return torchvision.models.detection.FasterRCNN(
+        trunk, num_classes=None, rpn_anchor_generator=anchor_generator,
+        rpn_head=RPNHead(trunk_channels, anchor_generator.num_anchors_per_location()[0]),
+        box_roi_pool=MultiScaleRoIAlign(["0"], resolution, roi["sampling_ratio"]), box_head=box_head,
+        box_predictor=FastRCNNPredictor(head_channels, num_classes), **settings,
     )
 
 
@@ -175,6 +223,9 @@ def benchmark_models(args, config) -> dict:
     height, width = (int(v) for v in args.size.lower().split("x"))
     task = get_task(config.task)
     autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    backbone = config.model.get("backbone")
+    if backbone and backbone.get("weights"):  # speed does not depend on the values: no download, random init
+        backbone["weights"] = None
     runners = [Runner("ours", task.build_model(config), args.mode, device, autocast_dtype, False)]
     if args.compare == "torchvision":
         if config.task != "detection":
