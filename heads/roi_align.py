@@ -84,5 +84,6 @@ def sparse_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: in
     n, channels, height, width = features.shape
     weights = roi_align_weights(rois.detach(), (n, height, width), output_size, spatial_scale, sampling_ratio, aligned)
     flat = features.permute(0, 2, 3, 1).reshape(n * height * width, channels)  # a view for channels-last
-    pooled = _SparseProduct.apply(flat.float(), weights).to(features.dtype)
+    with torch.autocast(features.device.type, enabled=False):  # sparse products exist in float32 only
+        pooled = _SparseProduct.apply(flat.float(), weights).to(features.dtype)
     return pooled.view(rois.shape[0], output_size, output_size, channels).permute(0, 3, 1, 2)

@@ -91,6 +91,23 @@ def test_no_proposal_at_all_gives_empty_detections(layout, pooler_impl):
 
 
 @pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
+def test_trains_and_infers_under_bf16_autocast(layout):
+    """bf16 mixed precision (what ``train.mixed_precision: bf16`` turns on) on the CPU, with the sparse
+    RoIAlign, which runs in float32 inside autocast: finite losses, gradients, detections."""
+    model = tiny_detector(layout, roi_heads={**TINY["roi_heads"], "pooler_impl": "sparse"})
+    images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.train()(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        results = model.eval()(images)
+    assert results[0]["boxes"].shape[1] == 4
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
 def test_image_without_boxes_trains_with_zero_box_loss(layout):
     model = tiny_detector(layout).train()
     images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)]
