@@ -37,7 +37,7 @@ def test_torchvision_side_has_the_configs_architecture(tmp_path, config):
     assert main([str(ROOT / "configs" / config), "--mode", "train", "--compare", "torchvision", "--device", "cpu",
                  "--batch-size", "1", "--size", "96x128", "--iters", "1", "--warmup", "0", "--output", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
-    assert results["ours"]["parameters"] == results["torchvision"]["parameters"]
+    assert results["ours"]["parameters"] == results["torchvision"]["parameters"] and results["same_parameters"]
     model = load_config(ROOT / "configs" / config).model
     ours = build_detector({**model, "backbone": {**model["backbone"], "weights": None}})
     theirs = torchvision_detector(load_config(ROOT / "configs" / config), 96, 128)

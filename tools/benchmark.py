@@ -90,14 +90,18 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
     body = getattr(torchvision.models, f"resnet{top['backbone'].get('depth', 50)}")(
         norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, layout == "dc5"]
     )
+    anchors = {"sizes": [[32], [64], [128], [256], [512]] if layout == "fpn" else [[32, 64, 128, 256, 512]],
+               "aspect_ratios": [[0.5, 1.0, 2.0]], **dict(model_cfg.get("anchors") or {})}
+    sizes = tuple(tuple(level) for level in anchors["sizes"])
+    ratios = tuple(tuple(level) for level in anchors["aspect_ratios"]) * (len(sizes) if len(anchors["aspect_ratios"]) == 1 else 1)
+    anchor_generator = AnchorGenerator(sizes, ratios)
     if layout == "fpn":
-        return torchvision.models.detection.FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=num_classes, **settings)
+        return torchvision.models.detection.FasterRCNN(
+            _resnet_fpn_extractor(body, 3), num_classes=num_classes, rpn_anchor_generator=anchor_generator, **settings
+        )
 
     for module in (body.conv1, body.layer1):
         module.requires_grad_(False)
-    anchors = merged({"sizes": [[32, 64, 128, 256, 512]], "aspect_ratios": [[0.5, 1.0, 2.0]]},
-                     {k: v for k, v in dict(model_cfg.get("anchors") or {}).items() if k != "grid_stride"}, "model.anchors")
-    anchor_generator = AnchorGenerator((tuple(anchors["sizes"][0]),), (tuple(anchors["aspect_ratios"][0]),))
     stem = [body.conv1, body.bn1, body.relu, body.maxpool, body.layer1, body.layer2, body.layer3]
     channels = {"res4": body.layer3[-1].conv1.in_channels, "res5": body.layer4[-1].conv1.in_channels}
     if layout == "c4":
@@ -251,6 +255,10 @@ def benchmark_models(args, config) -> dict:
         results["time_ratio"] = ours["seconds_per_iteration"] / theirs["seconds_per_iteration"]
         key = "peak_memory_bytes" if device.type == "cuda" else None
         results["memory_ratio"] = ours[key] / theirs[key] if key else None
+        results["same_parameters"] = ours["parameters"] == theirs["parameters"]
+        if not results["same_parameters"]:  # e.g. a narrower FPN or fc head than torchvision builds
+            print(f"warning: torchvision's side has {theirs['parameters']:,} parameters, ours {ours['parameters']:,}: "
+                  "it does not mirror this config's architecture, the ratios compare different models", file=sys.stderr)
     return results
 
 
