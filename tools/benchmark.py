@@ -68,7 +68,7 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     from tasks.assembly import merged
-    from tasks.detection.model import DEFAULTS
+    from tasks.detection.model import DEFAULTS, LAYOUT_ANCHORS, POOLER_RESOLUTION
 
     model_cfg = config.model
     top = merged(DEFAULTS, model_cfg, "model")
@@ -90,8 +90,7 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
     body = getattr(torchvision.models, f"resnet{top['backbone'].get('depth', 50)}")(
         norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, layout == "dc5"]
     )
-    anchors = {"sizes": [[32], [64], [128], [256], [512]] if layout == "fpn" else [[32, 64, 128, 256, 512]],
-               "aspect_ratios": [[0.5, 1.0, 2.0]], **dict(model_cfg.get("anchors") or {})}
+    anchors = merged(LAYOUT_ANCHORS[layout], model_cfg.get("anchors"), "model.anchors")
     sizes = tuple(tuple(level) for level in anchors["sizes"])
     ratios = tuple(tuple(level) for level in anchors["aspect_ratios"]) * (len(sizes) if len(anchors["aspect_ratios"]) == 1 else 1)
     anchor_generator = AnchorGenerator(sizes, ratios)
@@ -102,15 +101,16 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
 
     for module in (body.conv1, body.layer1):
         module.requires_grad_(False)
+    resolution = roi["pooler_resolution"] or POOLER_RESOLUTION[layout]
     stem = [body.conv1, body.bn1, body.relu, body.maxpool, body.layer1, body.layer2, body.layer3]
     channels = {"res4": body.layer3[-1].conv1.in_channels, "res5": body.layer4[-1].conv1.in_channels}
     if layout == "c4":
         trunk, trunk_channels = torch.nn.Sequential(*stem), channels["res4"]
         box_head = torch.nn.Sequential(body.layer4, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        resolution, head_channels = roi["pooler_resolution"] or 14, channels["res5"]
+        head_channels = channels["res5"]
     else:
         trunk, trunk_channels = torch.nn.Sequential(*stem, body.layer4), channels["res5"]
-        resolution, head_channels = roi["pooler_resolution"] or 7, roi["fc_dim"]
+        head_channels = roi["fc_dim"]
         box_head = TwoMLPHead(trunk_channels * resolution**2, head_channels)
     trunk.out_channels = trunk_channels
     return torchvision.models.detection.FasterRCNN(

@@ -48,6 +48,15 @@ def load_coco(annotation_file: str | Path) -> COCO:
     return coco
 
 
+def load_coco_split(annotation_file: str | Path, image_dir: str | Path) -> tuple[Path, Path, COCO]:
+    """``(annotation_file, image_dir, load_coco(annotation_file))`` of a dataset split, with an error
+    naming the image folder if it does not exist."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir}; check data.root and the image folder")
+    return Path(annotation_file), image_dir, load_coco(annotation_file)
+
+
 @dataclass
 class ImageRecord:
     image_id: int
@@ -83,10 +92,7 @@ class CocoDetection(Dataset):
     ):
         if label_map not in LABEL_MAPS:
             raise ValueError(f"label_map must be one of {', '.join(LABEL_MAPS)}, got {label_map!r}")
-        self.annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
-        if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.image_dir}; check data.root and the image folder")
-        self.coco = load_coco(annotation_file)
+        self.annotation_file, self.image_dir, self.coco = load_coco_split(annotation_file, image_dir)
         self.transform, self.train = transform, train
         self.category_ids = sorted(self.coco.getCatIds())
         if label_map == "contiguous":

@@ -84,6 +84,9 @@ class FasterRCNN(nn.Module):
 # Faster R-CNN recipes.
 _FPN_ANCHORS = {"sizes": [[32], [64], [128], [256], [512]], "aspect_ratios": [[0.5, 1.0, 2.0]], "grid_stride": "declared"}
 _C4_ANCHORS = {"sizes": [[32, 64, 128, 256, 512]], "aspect_ratios": [[0.5, 1.0, 2.0]], "grid_stride": "declared"}
+# what model.anchors and model.roi_heads.pooler_resolution default to, per layout
+LAYOUT_ANCHORS = {"fpn": _FPN_ANCHORS, "c4": _C4_ANCHORS, "dc5": _C4_ANCHORS}
+POOLER_RESOLUTION = {"fpn": 7, "c4": 14, "dc5": 7}
 DEFAULTS: dict[str, Any] = {
     "layout": "fpn",
     "num_classes": 80,
@@ -145,8 +148,8 @@ def build_detector(config: Mapping[str, Any]) -> FasterRCNN:
 
     rpn_cfg = merged(DEFAULTS["rpn"], config.get("rpn"), "model.rpn")
     roi_cfg = merged(DEFAULTS["roi_heads"], config.get("roi_heads"), "model.roi_heads")
-    anchors = merged(_FPN_ANCHORS if layout == "fpn" else _C4_ANCHORS, config.get("anchors"), "model.anchors")
-    pooler_resolution = roi_cfg.pop("pooler_resolution") or (14 if layout == "c4" else 7)
+    anchors = merged(LAYOUT_ANCHORS[layout], config.get("anchors"), "model.anchors")
+    pooler_resolution = roi_cfg.pop("pooler_resolution") or POOLER_RESOLUTION[layout]
     pooler_kwargs = {k: roi_cfg.pop(k) for k in ("sampling_ratio", "aligned")}
     pooler_kwargs["impl"] = roi_cfg.pop("pooler_impl")
     num_fc, fc_dim = roi_cfg.pop("num_fc"), roi_cfg.pop("fc_dim")

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import ShortestEdgeResize, read_image
-from ..detection.data import load_coco
+from ..detection.data import load_coco_split
 
 IGNORE = 255
 # The 20 Pascal VOC categories as COCO category ids, in VOC's class order (label i + 1); torchvision's
@@ -39,10 +39,7 @@ class CocoSegmentation(Dataset):
                  transform: A.Compose | None = None, train: bool = False, min_pixels: int = 1000):
         if class_set not in CLASS_SETS:
             raise ValueError(f"data.class_set must be one of {', '.join(CLASS_SETS)}, got {class_set!r}")
-        self.annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
-        if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.image_dir}; check data.root and the image folder")
-        self.coco = load_coco(annotation_file)
+        self.annotation_file, self.image_dir, self.coco = load_coco_split(annotation_file, image_dir)
         self.transform, self.train = transform, train
         all_ids = sorted(self.coco.getCatIds())
         if class_set == "voc20":
