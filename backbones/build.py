@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any, Callable, Mapping
 
 from .base import Backbone
+from .errors import UserError
 from .fpn import FPN
 from .resnet import ResNet
 from .timm_backbone import TimmBackbone
@@ -20,10 +22,11 @@ _TIMM_KEYS = ("model", "out_features", "output_stride", "norm", "freeze_at", "in
 _FPN_KEYS = ("bottom_up", "in_features", "out_channels", "top_block")
 
 
-def _build_fpn(bottom_up: Mapping[str, Any] | None = None, **kwargs: Any) -> FPN:
+def _build_fpn(bottom_up: Mapping[str, Any] | None = None, *, where: str = "backbone", init_weights: bool = True,
+               **kwargs: Any) -> FPN:
     if bottom_up is None:
-        raise ValueError("backbone 'fpn' needs a 'bottom_up' backbone config")
-    return FPN(build_backbone(bottom_up, where="bottom_up"), **kwargs)
+        raise UserError(f"{where}: backbone 'fpn' needs a 'bottom_up' backbone config")
+    return FPN(build_backbone(bottom_up, where=f"{where}.bottom_up", init_weights=init_weights), **kwargs)
 
 
 _BUILDERS: dict[str, tuple[Callable[..., Backbone], tuple[str, ...]]] = {
@@ -38,11 +41,42 @@ def check_keys(config: Mapping[str, Any], allowed: tuple[str, ...], where: str) 
     for key in config:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=3, cutoff=0.5)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise KeyError(f"unknown key {where}.{key}{hint} (valid keys: {', '.join(allowed)})")
+            hint = f"; did you mean {' or '.join(repr(f'{where}.{c}') for c in close)}?" if close else ""
+            raise UserError(f"unknown key {where}.{key}{hint} (valid keys: {', '.join(allowed)})")
 
 
-def build_backbone(config: Mapping[str, Any], where: str = "backbone") -> Backbone:
+def _builder(config: Mapping[str, Any], where: str) -> tuple[str, Callable[..., Backbone], tuple[str, ...]]:
+    """The backbone's name, builder and accepted keys; unknown names and keys are errors naming them."""
+    name = config.get("name")
+    if name not in _BUILDERS:
+        raise UserError(f"{where}.name must be one of {', '.join(_BUILDERS)}, got {name!r}")
+    builder, allowed = _BUILDERS[name]
+    check_keys({k: v for k, v in config.items() if k not in ("name", "weights")}, allowed, where)
+    return name, builder, allowed
+
+
+def resolve_backbone_config(config: Mapping[str, Any], where: str = "backbone",
+                            decided: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``config`` with every key its builder accepts filled in with the builder's default, so that a run
+    folder's config holds every value the backbone was built with (and rebuilds the same network when
+    defaults change). Keys in ``decided`` (set by the head layout, e.g. ``out_features``) are left out;
+    ``weights`` is kept as given (``None`` when absent). Unknown keys are an error naming them."""
+    name, builder, allowed = _builder(config, where)
+    signature = inspect.signature(FPN.__init__ if name == "fpn" else builder.__init__)
+    defaults = {p.name: p.default for p in signature.parameters.values() if p.default is not inspect.Parameter.empty}
+    resolved: dict[str, Any] = {"name": name}
+    for key in allowed:
+        if key in decided or (key not in config and key not in defaults):
+            continue
+        value = config.get(key, defaults.get(key))
+        if key == "bottom_up" and value is not None:
+            value = resolve_backbone_config(value, f"{where}.bottom_up")
+        resolved[key] = list(value) if isinstance(value, tuple) else value
+    resolved["weights"] = config.get("weights")
+    return resolved
+
+
+def build_backbone(config: Mapping[str, Any], where: str = "backbone", init_weights: bool = True) -> Backbone:
     """Build a backbone from a dict such as
     ``{"name": "resnet", "depth": 50, "stride_in_1x1": False, "out_features": ["res2", "res3", "res4", "res5"]}``.
 
@@ -50,24 +84,25 @@ def build_backbone(config: Mapping[str, Any], where: str = "backbone") -> Backbo
     ``TimmBackbone``) or ``fpn`` (``bottom_up``: another backbone config, plus the arguments of ``FPN``).
     ``weights`` (any backbone) is a file or a ``torchvision:``/``timm:`` name given to ``load_pretrained``;
     ``weights: torchvision`` means torchvision's ImageNet weights of the configured ResNet depth.
-    An unknown key or value is an error that names it.
+    ``init_weights=False`` builds the same network without reading or fetching its ``weights`` (for a
+    caller that loads a full checkpoint next). An unknown key or value is a ``UserError`` naming it.
     """
-    config = dict(config)
-    name = config.pop("name", None)
-    if name not in _BUILDERS:
-        raise ValueError(f"{where}.name must be one of {', '.join(_BUILDERS)}, got {name!r}")
-    weights = config.pop("weights", None)
-    builder, allowed = _BUILDERS[name]
-    check_keys(config, allowed + ("name", "weights"), where)
+    name, builder, _ = _builder(config, where)
+    kwargs = {k: v for k, v in config.items() if k not in ("name", "weights")}
+    if name == "fpn":
+        kwargs.update(where=where, init_weights=init_weights)
     try:
-        backbone = builder(**config)
+        backbone = builder(**kwargs)
+    except UserError:
+        raise
     except (ValueError, TypeError) as error:
-        raise ValueError(f"{where} ({name}): {error}") from error
+        raise UserError(f"{where} ({name}): {error}") from error
+    weights = config.get("weights")
     if weights == "torchvision":  # ImageNet weights matching the configured depth: depth stays one key
         if name != "resnet":
-            raise ValueError(f"{where}.weights: 'torchvision' names ImageNet weights of a resnet backbone; "
-                             "use timm:<model>.<tag> or a file for timm backbones")
+            raise UserError(f"{where}.weights: 'torchvision' names ImageNet weights of a resnet backbone; "
+                            "use timm:<model>.<tag> or a file for timm backbones")
         weights = f"torchvision:resnet{config.get('depth', 50)}.IMAGENET1K_V1"
-    if weights:
+    if weights and init_weights:
         load_pretrained(backbone, weights)
     return backbone

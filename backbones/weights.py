@@ -8,14 +8,17 @@ are the ImageNet classifier and the stages the backbone was configured not to bu
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from .errors import UserError, UserFileNotFoundError
 from .fpn import FPN
 from .resnet import ResNet
 from .timm_backbone import TimmBackbone
@@ -70,29 +73,68 @@ def _map_timm_key(key: str, model: TimmBackbone) -> tuple[str | None, str | None
     return None, None
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors`` file.
+# What a pickled weights file (detectron2's model zoo, MSRA's Caffe2 ResNets) may refer to: numpy arrays,
+# their dtypes and scalars, and the byte-string helper of protocol-2 pickles. Dicts, lists, numbers and
+# strings need no global. Anything else (a function, a class to call) is refused.
+_SAFE_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
 
-    Unwraps the usual containers (``state_dict``, ``model``) and a ``module.`` prefix left by
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, dicts, lists, numbers and strings, and nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a weights file has no reason to "
+                                         "(only numpy arrays, dicts, lists, numbers and strings are read)")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):  # numpy >= 2 moved numpy.core
+            module = "numpy._core" + module[len("numpy.core"):]
+        return super().find_class(module, name)
+
+
+def read_pickled_arrays(path: str | Path) -> object:
+    """Unpickle ``path`` without executing code: only numpy arrays, dicts, lists, numbers and strings are
+    built (Python 2 pickles, such as MSRA's Caffe2 ResNets, are read as latin-1)."""
+    with open(path, "rb") as f:
+        return _ArrayUnpickler(f, encoding="latin1").load()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``), ``.safetensors`` or
+    ``.pkl`` file (numpy arrays, read by ``read_pickled_arrays``). None of them can run code.
+
+    Unwraps the usual containers (``state_dict``, ``model``, ``blobs``) and a ``module.`` prefix left by
     DistributedDataParallel.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise UserFileNotFoundError(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
+        elif path.suffix == ".pkl":
+            state = read_pickled_arrays(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt file, pickled code, ...
-        raise ValueError(f"cannot read weights file {path}: {error}") from error
-    for container in ("state_dict", "model", "model_state"):
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"cannot read weights file {path} ({type(error).__name__}: {reason}); it is not a "
+                        "checkpoint this project reads safely (.pth/.pt/.bin state dicts, .safetensors, "
+                        ".pkl of numpy arrays)") from error
+    for container in ("state_dict", "model", "model_state", "blobs"):
         if isinstance(state, dict) and isinstance(state.get(container), dict):
             state = state[container]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} holds no state dict of tensors")
+    if path.suffix == ".pkl" and isinstance(state, dict):
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items() if isinstance(v, np.ndarray)}
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"weights file {path} holds no state dict of tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -109,13 +151,13 @@ def fetch_named_weights(source: str) -> dict[str, torch.Tensor]:
         try:
             weights = torchvision.models.get_model_weights(arch)[tag or "DEFAULT"]
         except (ValueError, KeyError) as error:
-            raise ValueError(f"unknown torchvision weights {source!r}: {error}") from error
+            raise UserError(f"unknown torchvision weights {source!r}: {error}") from error
         filename = weights.url.rsplit("/", 1)[-1]
         try:
             return weights.get_state_dict(progress=False)
         except Exception as error:
             cache = Path(torch.hub.get_dir()) / "checkpoints"
-            raise RuntimeError(
+            raise UserError(
                 f"could not fetch {source} ({error}). Without network access, download {weights.url} "
                 f"elsewhere and put it at {cache / filename}, or give the file's path as the weights"
             ) from error
@@ -127,17 +169,17 @@ def fetch_named_weights(source: str) -> dict[str, torch.Tensor]:
         except Exception:
             cfg = None
         if cfg is None:
-            raise ValueError(f"timm has no pretrained weights named {name!r}")
+            raise UserError(f"timm has no pretrained weights named {name!r}")
         try:
             return timm.create_model(name, pretrained=True).state_dict()
         except Exception as error:
             where = f"the Hugging Face Hub repository {cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
-            raise RuntimeError(
+            raise UserError(
                 f"could not fetch {source} ({type(error).__name__}: {error}). Without network access, "
                 f"download model.safetensors from {where} elsewhere and give that file's path as the weights "
                 "(HF_HUB_OFFLINE=1 skips the download retries)"
             ) from error
-    raise ValueError(
+    raise UserError(
         f"unknown weights source {source!r}: give a file path, 'torchvision:<arch>.<WEIGHTS>' or "
         "'timm:<model>.<tag>'"
     )
@@ -155,9 +197,9 @@ def detect_format(state: dict[str, torch.Tensor], model: nn.Module) -> str:
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         return "torchvision-resnet"
     if any(k.startswith("conv1.0.") for k in keys):
-        raise ValueError("these weights have a deep 3-conv stem (timm's resnet*d/resnet*c): build the backbone "
+        raise UserError("these weights have a deep 3-conv stem (timm's resnet*d/resnet*c): build the backbone "
                          "with name: timm and the matching model name instead of name: resnet")
-    raise ValueError(f"unrecognized checkpoint format (first keys: {sorted(keys)[:5]})")
+    raise UserError(f"unrecognized checkpoint format (first keys: {sorted(keys)[:5]})")
 
 
 def _check_resnet_layout(model: ResNet, source: str) -> None:
@@ -173,7 +215,7 @@ def _check_resnet_layout(model: ResNet, source: str) -> None:
     if model.family != "imagenet":
         problems.append("they are an ImageNet network: set family: imagenet")
     if problems:
-        raise ValueError(f"weights {source} do not fit ResNet-{model.depth} as configured: " + "; ".join(problems))
+        raise UserError(f"weights {source} do not fit ResNet-{model.depth} as configured: " + "; ".join(problems))
 
 
 def load_pretrained(model: nn.Module, source: str | Path) -> LoadReport:
@@ -211,7 +253,7 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], sour
             new_key = map_torchvision_resnet_key(key)
             module = new_key.split(".")[0] if new_key else None
         else:
-            raise ValueError(f"{fmt} weights from {source} cannot be loaded into a {type(model).__name__}")
+            raise UserError(f"{fmt} weights from {source} cannot be loaded into a {type(model).__name__}")
         if new_key in own:
             mapped[new_key] = tensor
         elif module is not None and module in getattr(model, "unbuilt_modules", ()):
@@ -255,17 +297,13 @@ def strict_load(
         if k in own and state[k].shape != own[k].shape
     ]
     if missing or unexpected or mis_shaped:
-        def listing(title: str, items: list[str]) -> str:
+        def listing(title: str, items: list[str]) -> list[str]:
             shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-            return f"\n  {title} ({len(items)}): {shown}" if items else ""
+            return [f"{title} ({len(items)}): {shown}"] if items else []
 
-        raise ValueError(
-            f"weights {source} ({fmt} format) do not match {type(model).__name__}:"
-            + listing("missing from the checkpoint", missing)
-            + listing("unexpected in the checkpoint", unexpected)
-            + listing("shape mismatch", mis_shaped)
-            + (f"\n  {hint}" if hint and mis_shaped else "")
-        )
+        parts = (listing("missing from the checkpoint", missing) + listing("unexpected in the checkpoint", unexpected)
+                 + listing("shape mismatch", mis_shaped) + ([hint] if hint and mis_shaped else []))
+        raise UserError(f"weights {source} ({fmt} format) do not match {type(model).__name__}: " + "; ".join(parts))
     loadable = {k: v for k, v in state.items() if k in own}
     model.load_state_dict(loadable, strict=False)
     return len(loadable)

@@ -31,6 +31,19 @@ class RPNHead(nn.Module):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
 
+    def _apply(self, fn, recurse: bool = True):
+        """After ``.to(...)``: the 1x1 output weights stay in the standard (contiguous) layout, whatever
+        memory format was asked for. ``at`` uses them as ``(out, in)`` matrices, so their gradients come
+        back contiguous; a parameter in channels-last strides would disagree with its own gradient, which
+        DDP's gradient buckets refuse ("Grad strides do not match bucket view strides": a copy per step).
+        For a 1x1 kernel both layouts hold the same bytes in the same order, so nothing else changes."""
+        super()._apply(fn, recurse)
+        for layer in (self.objectness, self.deltas):
+            standard = layer.weight.data.clone(memory_format=torch.contiguous_format)
+            if layer.weight.stride() != standard.stride():  # is_contiguous() ignores size-1 dims: compare strides
+                layer.weight.data = standard
+        return self
+
     def _outputs_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The objectness and delta 1x1 convs as one (weight, bias): one pass over the features forward
         and backward, about half the time of two on the CPU, with the same parameters."""
@@ -64,15 +77,18 @@ class RPNHead(nn.Module):
         rows, logits, deltas = [], [], []
         for lvl, feature in enumerate(features):
             row = torch.where(level == lvl)[0]
-            height, width = feature.shape[-2:]
+            batch, channels, height, width = feature.shape
             local = index[row] - (ends[lvl] - sizes[lvl])
             location, anchor = local // num_anchors, local % num_anchors
             ys = (location // width)[:, None, None] + offsets[None, :, None]  # (S, 3, 1)
             xs = (location % width)[:, None, None] + offsets[None, None, :]  # (S, 1, 3)
             inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)  # zero padding outside the map
-            patches = feature.permute(0, 2, 3, 1)[
-                image[row][:, None, None], ys.clamp(0, height - 1), xs.clamp(0, width - 1)
-            ]  # (S, 3, 3, C)
+            # index_select, not advanced indexing: the backward of the latter (index_put_ with accumulate) adds
+            # the overlapping patches with unordered atomic float adds across CPU threads, so the gradients (and
+            # a whole run) changed with the machine's load; index_select's backward sums in a fixed order
+            pixel = (image[row][:, None, None] * height + ys.clamp(0, height - 1)) * width + xs.clamp(0, width - 1)
+            flat = feature.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view if channels-last
+            patches = flat.index_select(0, pixel.reshape(-1)).view(len(row), 3, 3, channels)  # (S, 3, 3, C)
             patches = patches * inside[..., None].to(patches.dtype)
             hidden = F.relu(F.linear(patches.flatten(1), conv_weight, self.conv.bias))
             out = F.linear(hidden, head_weight, head_bias)  # (S, A + A * 4)

@@ -9,34 +9,67 @@ from typing import Any, Sequence
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from backbones.errors import UserError, UserFileNotFoundError
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
 
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """A COCO results file: a list of ``{"image_id", "category_id", "score"}`` entries with a ``bbox`` or a
+    ``segmentation``. Anything else is a ``UserError`` naming the file and the first bad entry."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
+        raise UserFileNotFoundError(f"results file not found: {path}")
     try:
         results = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"results file {path} is not valid JSON: {error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"results file {path} is not valid JSON: {error}") from error
     if not isinstance(results, list):
-        raise ValueError(f"results file {path} must hold a list of COCO results, got {type(results).__name__}")
+        raise UserError(f"results file {path} must hold a list of COCO results, got {type(results).__name__}")
+    for index, entry in enumerate(results):
+        problem = _entry_problem(entry)
+        if problem:
+            raise UserError(f"results file {path}, entry {index}: {problem} (got {str(entry)[:200]})")
     return results
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one COCO results entry, or None."""
+    if not isinstance(entry, dict):
+        return "not a mapping"
+    for key in ("image_id", "category_id", "score"):
+        if not isinstance(entry.get(key), (int, float)) or isinstance(entry.get(key), bool):
+            return f"no numeric {key!r}"
+    bbox = entry.get("bbox")
+    if "segmentation" not in entry and bbox is None:
+        return "neither 'bbox' nor 'segmentation'"
+    if bbox is not None and (not isinstance(bbox, list) or len(bbox) != 4
+                             or not all(isinstance(v, (int, float)) for v in bbox)):
+        return "'bbox' is not four numbers [x, y, w, h]"
+    return None
 
 
 def coco_evaluate(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: str = "bbox") -> dict[str, float]:
     """Run ``COCOeval`` on ``results`` (COCO results format) and return its 12 summary numbers by name.
 
     pycocotools prints its standard summary (the 12 lines) to stdout. With no results at all, every
-    number is 0 (pycocotools itself cannot load an empty result list).
+    number is 0 (pycocotools itself cannot load an empty result list). Results for images the ground
+    truth does not have, or without what ``iou_type`` needs, are a ``UserError``.
     """
     if iou_type not in IOU_TYPES:
-        raise ValueError(f"iou_type must be one of {', '.join(IOU_TYPES)}, got {iou_type!r}")
+        raise UserError(f"iou_type must be one of {', '.join(IOU_TYPES)}, got {iou_type!r}")
     if not results:
         print(f"no {iou_type} results to evaluate: every metric is 0")
         return {name: 0.0 for name in STAT_NAMES}
+    unknown = sorted({r["image_id"] for r in results} - set(coco_gt.getImgIds()))
+    if unknown:
+        raise UserError(f"{len(unknown)} image ids of the results are not in the ground truth (first: "
+                        f"{unknown[:5]}): are the results for this annotation file?")
+    needed = "bbox" if iou_type == "bbox" else "segmentation"
+    lacking = next((i for i, r in enumerate(results) if needed not in r), None)
+    if lacking is not None:
+        raise UserError(f"result {lacking} has no {needed!r}, which --iou-type {iou_type} evaluates")
     coco_dt = coco_gt.loadRes(list(results))
     evaluator = COCOeval(coco_gt, coco_dt, iou_type)
     evaluator.evaluate()

@@ -1,13 +1,18 @@
-"""Configs: YAML files with ``_base_`` inheritance and ``key=value`` overrides, merged by OmegaConf and
-validated against the typed schema below.
+"""Configs: YAML files with ``_base_`` inheritance and ``key=value`` overrides, validated against the
+typed schema below (OmegaConf).
+
+Merging (``_base_`` files under the file, then the overrides over it) is key by key, except that a section
+whose ``name`` differs from its base's replaces it whole: ``model: {backbone: {name: timm, model:
+resnet18}}`` over a ResNet base does not inherit the ResNet's ``depth``.
 
 An unknown or misspelled key, or a value of the wrong type, is an error that names the key and the
 closest valid keys. The ``model`` section is free-form here and validated by the task's model builder,
-which knows the keys of each backbone and head.
+which knows the keys of each backbone and head (``tasks.tasks.prepare_config`` runs both).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -16,6 +21,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
+
+from backbones.errors import UserError, UserFileNotFoundError
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -102,8 +109,22 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be loaded: names the file or key and, for keys, the closest valid ones."""
+
+
+def merge_sections(base: Any, override: Any) -> Any:
+    """``override`` over ``base``, key by key for mappings, whole for everything else. A mapping whose
+    ``name`` differs from the base's (another backbone family, say) replaces the base's mapping whole,
+    so none of the other family's keys are inherited."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return copy.deepcopy(override)
+    if "name" in override and "name" in base and override["name"] != base["name"]:
+        return copy.deepcopy(override)
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = merge_sections(base[key], value) if key in base else copy.deepcopy(value)
+    return out
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -122,10 +143,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
     bases = data.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else list(bases)
-    merged = OmegaConf.create()
+    merged: dict[str, Any] = {}
     for base in bases:
-        merged = OmegaConf.merge(merged, _read_yaml(path.parent / base, chain + (path,)))
-    return OmegaConf.to_container(OmegaConf.merge(merged, data))
+        merged = merge_sections(merged, _read_yaml(path.parent / base, chain + (path,)))
+    return merge_sections(merged, data)
 
 
 def _valid_keys(dotted_parent: str) -> list[str]:
@@ -159,9 +180,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
     schema = OmegaConf.structured(Config)
     try:
-        merged = OmegaConf.merge(schema, raw)
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
+        raw = merge_sections(raw, OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))))
+        return OmegaConf.to_object(OmegaConf.merge(schema, raw))
     except (ConfigKeyError, ConfigAttributeError) as error:
         raise _key_error(str(error.full_key or error.key), f"unknown config key in {path}:") from None
     except ValidationError as error:
@@ -183,11 +203,21 @@ def resolve_path(root: str | Path, path: str | Path) -> Path:
 
 def load_run(source: str | Path, weights: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, Path | None, Path]:
     """A run folder (its ``config.yaml`` and ``model.safetensors``) or a config file with ``weights``:
-    returns the config, the run folder (or None) and the weights file."""
+    returns the config, the run folder (or None) and the weights file (checked to exist)."""
     source = Path(source)
     run_dir = source if source.is_dir() else None
+    if run_dir is not None and not (run_dir / "config.yaml").is_file():
+        raise UserFileNotFoundError(f"{run_dir} is a folder without config.yaml: give a run folder or a config file")
     config = load_config(run_dir / "config.yaml" if run_dir else source, overrides)
-    weights = Path(weights) if weights else (run_dir / "model.safetensors" if run_dir else None)
-    if weights is None:
+    if weights:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise UserFileNotFoundError(f"weights file not found: {weights}")
+        return config, run_dir, weights
+    if run_dir is None:
         raise ConfigError(f"{source} is a config file: give the weights to use (--weights FILE)")
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise UserFileNotFoundError(f"{weights} not found: the run in {run_dir} has not finished; evaluate one of "
+                                    f"its checkpoints with --weights or finish it (resume=auto)")
     return config, run_dir, weights

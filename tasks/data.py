@@ -11,23 +11,32 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
+from backbones.errors import UserError, UserFileNotFoundError
 
-def read_image(path: str | Path, image_id: int | str | None = None) -> np.ndarray:
+
+def read_image(path: str | Path, image_id: int | str | None = None, annotation_file: str | Path | None = None) -> np.ndarray:
     """RGB ``uint8`` array ``(H, W, 3)`` decoded by torchvision's libjpeg-turbo / libpng decoders.
 
-    Grayscale, palette and CMYK images come out as RGB. A missing or undecodable file is an error naming
-    the file and the image id. (torchvision 0.29 marks these decoders deprecated in favour of TorchCodec;
-    they remain the fastest JPEG path installed here.)
+    Grayscale, palette and CMYK images come out as RGB. A missing, truncated or undecodable file is a
+    ``UserError`` naming the file, the image id and the annotation file that lists it. (torchvision 0.29
+    marks these decoders deprecated in favour of TorchCodec; they remain the fastest JPEG path installed
+    here.)
     """
     path = Path(path)
-    where = f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
+    details = ([f"image id {image_id}"] if image_id is not None else []) + (
+        [f"listed in {annotation_file}"] if annotation_file else [])
+    where = f"{path}" + (f" ({', '.join(details)})" if details else "")
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {where}; check data.root and the image folder")
-    data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        raise UserFileNotFoundError(f"image file not found: {where}; check data.root and the image folder")
     try:
+        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        if data.numel() == 0:
+            raise ValueError("the file is empty")
         image = decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"cannot decode image {where}: {error}") from error
+    except (RuntimeError, ValueError, OSError) as error:
+        reason = " ".join(str(error).split())
+        raise UserError(f"cannot decode image {where}: {reason}; replace the file or remove the image from the "
+                        "annotations (tools/check_data.py --decode finds every such file)") from error
     return image.permute(1, 2, 0).numpy()
 
 

@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from backbones.errors import UserError, UserFileNotFoundError
+
 from .config import Config, TrainConfig, to_yaml
+from .tasks import prepare_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +39,8 @@ logger = logging.getLogger(__name__)
 class Task(Protocol):
     """What a task gives the engine."""
 
-    def build_model(self, config: Config) -> nn.Module: ...
+    def resolve_model(self, model: dict[str, Any]) -> dict[str, Any]: ...
+    def build_model(self, config: Config, init_weights: bool = True) -> nn.Module: ...
     def train_dataset(self, config: Config) -> Dataset: ...
     def val_dataset(self, config: Config) -> Dataset: ...
     def collate(self, batch: list) -> tuple[list, list]: ...
@@ -58,7 +64,7 @@ class TrainingStream:
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  group_ids: Sequence[int] | None = None):
         if num_items == 0:
-            raise ValueError("the training dataset is empty")
+            raise UserError("the training dataset is empty: no image has a usable annotation")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.group_ids = list(group_ids) if group_ids is not None else [0] * num_items
@@ -112,7 +118,7 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
         return warmup * train.gamma ** sum(1 for s in train.steps if i >= s)
 
     if train.schedule not in ("step", "cosine", "poly"):
-        raise ValueError(f"train.schedule must be 'step', 'cosine' or 'poly', got {train.schedule!r}")
+        raise UserError(f"train.schedule must be 'step', 'cosine' or 'poly', got {train.schedule!r}")
     return factor
 
 
@@ -178,8 +184,8 @@ class TrainResult:
     iterations: int
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite: the run stops, naming the iteration, the terms and the last good checkpoint."""
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -198,24 +204,37 @@ def make_accelerator(**kwargs: Any) -> Accelerator:
 
 
 def train(task: Task, config: Config, accelerator: Accelerator | None = None) -> TrainResult:
-    """Train ``task`` as ``config`` says; see the module docstring. Returns the final metrics."""
+    """Train ``task`` as ``config`` says; see the module docstring. Returns the final metrics.
+
+    SIGTERM or SIGINT (a cluster preempting the job, Ctrl-C) stops every process at the same iteration
+    boundary, writes a checkpoint there and raises ``TrainingInterrupted``; ``resume=auto`` continues
+    exactly where it stopped."""
+    config = prepare_config(config)  # the model's defaults resolved: config.yaml rebuilds this very model
     cfg = config.train
+    output_dir = Path(config.output_dir)
+    checkpoints = CheckpointDir(output_dir, cfg.keep_checkpoints)
+    resume_from = None
+    if config.resume:
+        resume_from = checkpoints.latest() if config.resume == "auto" else Path(config.resume)
+        if resume_from is not None and not resume_from.is_dir():
+            raise UserFileNotFoundError(f"resume={resume_from}: no such checkpoint folder (give one of "
+                                        f"{checkpoints.root}/iter_*, or resume=auto)")
     accelerator = accelerator or make_accelerator(
         mixed_precision=cfg.mixed_precision if os.environ.get("ACCELERATE_MIXED_PRECISION") is None else None,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with="tensorboard",
         project_dir=config.output_dir,
     )
-    output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(to_yaml(config))
     set_seed(config.seed, device_specific=True)
 
+    # a checkpoint to resume from replaces the backbone's initialisation: nothing fetched or read for it
+    model = task.build_model(config, init_weights=resume_from is None)
     train_set, val_set = task.train_dataset(config), task.val_dataset(config)
     if accelerator.is_main_process:
         write_json(output_dir / "categories.json", task.metadata(train_set)["categories"])
-    model = task.build_model(config)
     if cfg.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     total_batch = accelerator.num_processes * cfg.batch_size * cfg.grad_accum_steps
@@ -231,16 +250,11 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
         total_batch, lr, cfg.base_lr, total_batch, cfg.reference_batch_size,
     )
 
-    checkpoints = CheckpointDir(output_dir, cfg.keep_checkpoints)
-    if config.resume:
-        source = checkpoints.latest() if config.resume == "auto" else Path(config.resume)
-        if source is not None:
-            if not source.is_dir():
-                raise FileNotFoundError(f"resume checkpoint not found: {source}")
-            accelerator.load_state(str(source))
-            logger.info("resumed from %s at iteration %d", source, progress.iteration)
-        else:
-            logger.info("resume=auto: no checkpoint in %s yet, starting from scratch", checkpoints.root)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        logger.info("resumed from %s at iteration %d", resume_from, progress.iteration)
+    elif config.resume == "auto":
+        logger.info("resume=auto: no checkpoint in %s yet, starting from scratch", checkpoints.root)
 
     groups = getattr(train_set, "aspect_groups", lambda: None)()
     stream = TrainingStream(len(train_set), cfg.batch_size, config.seed,
@@ -255,6 +269,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
         num_workers=config.data.num_workers,
         pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
+        worker_init_fn=_worker_leaves_stops_to_its_process,
         generator=torch.Generator().manual_seed(config.seed),  # leaves the global RNG to the training step
     )
     if accelerator.is_main_process:
@@ -270,59 +285,70 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
     window_start, window_iters = time.perf_counter(), 0
     metrics: dict[str, float] = {}
     data_iter = iter(loader)
-    while progress.iteration < cfg.max_iters:
-        iteration = progress.iteration
-        for _ in range(cfg.grad_accum_steps):
-            batch = next(data_iter)
-            images, targets = task.loss_inputs(batch)
-            if len(seen_images) < 64:
-                seen_images.extend(t.get("image_id", -1) for t in targets)
-            with accelerator.accumulate(model):
-                losses = model(images, targets)
-                loss = sum(losses.values())
-                non_finite = (~torch.isfinite(loss.detach())).float()
-                if accelerator.num_processes > 1:  # every process stops together
-                    non_finite = accelerator.reduce(non_finite, reduction="sum")
-                if non_finite.item():
-                    bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v.detach())}
-                    latest = checkpoints.latest()
-                    raise NonFiniteLossError(
-                        f"non-finite loss at iteration {iteration}: {bad}; stopping. The last good checkpoint is "
-                        f"{latest or 'none (no checkpoint written yet)'}; lower train.base_lr or raise "
-                        f"train.warmup_iters and resume"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            for k, v in losses.items():  # summed on the device; read back only at the log period
-                window[k] = window.get(k, 0.0) + v.detach().float() / cfg.grad_accum_steps
-        scheduler.step()
-        progress.iteration += 1
-        window_iters += 1
-        bar.update(1)
+    with StopSignals() as stop, bar:  # the bar is closed (its line ended) before any error is printed
+        while progress.iteration < cfg.max_iters:
+            iteration = progress.iteration
+            stop_agreed = False  # every process stops after the same iteration
+            for _ in range(cfg.grad_accum_steps):
+                batch = next(data_iter)
+                images, targets = task.loss_inputs(batch)
+                if len(seen_images) < 64:
+                    seen_images.extend(t.get("image_id", -1) for t in targets)
+                with accelerator.accumulate(model):
+                    losses = model(images, targets)
+                    loss = sum(losses.values())
+                    # one read-back per micro-batch: is the loss finite everywhere, and did any process get a stop signal
+                    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                         torch.tensor(float(stop.requested), device=loss.device)])
+                    if accelerator.num_processes > 1:
+                        flags = accelerator.reduce(flags, reduction="sum")
+                    non_finite, stop_flag = flags.tolist()
+                    stop_agreed = stop_agreed or stop_flag > 0
+                    if non_finite:
+                        bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v.detach())}
+                        latest = checkpoints.latest()
+                        raise NonFiniteLossError(
+                            f"non-finite loss at iteration {iteration}: {bad}; stopping. The last good checkpoint is "
+                            f"{latest or 'none (no checkpoint written yet)'}; lower train.base_lr or raise "
+                            f"train.warmup_iters and resume"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.clip_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                for k, v in losses.items():  # summed on the device; read back only at the log period
+                    window[k] = window.get(k, 0.0) + v.detach().float() / cfg.grad_accum_steps
+            scheduler.step()
+            progress.iteration += 1
+            window_iters += 1
+            bar.update(1)
 
-        if progress.iteration % cfg.log_period == 0 or progress.iteration == cfg.max_iters:
-            values = torch.stack([window[k] / window_iters for k in sorted(window)]).to(accelerator.device)
-            values = accelerator.reduce(values, reduction="mean")
-            scalars = dict(zip(sorted(window), values.tolist()))
-            scalars["loss"] = sum(scalars.values())
-            elapsed = time.perf_counter() - window_start
-            scalars.update(lr=scheduler.get_last_lr()[0], iters_per_second=window_iters / max(elapsed, 1e-9))
-            if accelerator.is_main_process:
-                with open(metrics_log, "a") as f:
-                    f.write(json.dumps({"iteration": progress.iteration, **scalars}) + "\n")
-                accelerator.log(scalars, step=progress.iteration)
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2g}")
-            window, window_start, window_iters = {}, time.perf_counter(), 0
-        if cfg.checkpoint_period and progress.iteration % cfg.checkpoint_period == 0 and progress.iteration < cfg.max_iters:
-            checkpoints.save(accelerator, progress.iteration)
-        if cfg.eval_period and progress.iteration % cfg.eval_period == 0 and progress.iteration < cfg.max_iters:
-            metrics = _evaluate(task, model, val_set, accelerator, output_dir, progress.iteration, config)
-    bar.close()
+            if progress.iteration % cfg.log_period == 0 or progress.iteration == cfg.max_iters:
+                values = torch.stack([window[k] / window_iters for k in sorted(window)]).to(accelerator.device)
+                values = accelerator.reduce(values, reduction="mean")
+                scalars = dict(zip(sorted(window), values.tolist()))
+                scalars["loss"] = sum(scalars.values())
+                elapsed = time.perf_counter() - window_start
+                scalars.update(lr=scheduler.get_last_lr()[0], iters_per_second=window_iters / max(elapsed, 1e-9))
+                if accelerator.is_main_process:
+                    with open(metrics_log, "a") as f:
+                        f.write(json.dumps({"iteration": progress.iteration, **scalars}) + "\n")
+                    accelerator.log(scalars, step=progress.iteration)
+                    bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2g}")
+                window, window_start, window_iters = {}, time.perf_counter(), 0
+            if stop_agreed and progress.iteration < cfg.max_iters:
+                bar.close()
+                _interrupt(accelerator, checkpoints, progress.iteration, stop, config)
+            if cfg.checkpoint_period and progress.iteration % cfg.checkpoint_period == 0 and progress.iteration < cfg.max_iters:
+                checkpoints.save(accelerator, progress.iteration)
+            if cfg.eval_period and progress.iteration % cfg.eval_period == 0 and progress.iteration < cfg.max_iters:
+                metrics = _evaluate(task, model, val_set, accelerator, output_dir, progress.iteration, config)
+        bar.close()
+        checkpoints.save(accelerator, progress.iteration)
+    # from here on a signal stops the process as usual: the final checkpoint is written, and a run resumed from
+    # it only evaluates
 
-    checkpoints.save(accelerator, progress.iteration)
     world["images_per_rank"] = gather_object([seen_images[:64]])
     if accelerator.is_main_process:
         write_json(output_dir / "world.json", world)
@@ -335,6 +361,63 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
     accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
     accelerator.end_training()
     return TrainResult(output_dir, metrics, progress.iteration)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped by SIGTERM or SIGINT after a checkpoint was written at ``iteration`` on every
+    process. The tools print the message and exit with ``128 + signum`` (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, iteration: int, signum: int):
+        super().__init__(message)
+        self.iteration, self.signum = iteration, signum
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only set ``requested`` (the signal number): the training loop
+    finishes its iteration, checkpoints and stops. A second SIGINT (Ctrl-C twice) stops at once. Outside
+    the main thread (where Python cannot install handlers) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        logger.warning("%s received: stopping after this iteration, with a checkpoint", signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _worker_leaves_stops_to_its_process(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT (a Ctrl-C reaches the whole process group; the training process
+    stops itself) and exit quietly, with status 0, on SIGTERM: a job-wide SIGTERM (as SLURM sends) must
+    not make the DataLoader raise "worker killed by signal" in the training process while it writes its
+    checkpoint, and the DataLoader's own shutdown (which terminates workers) keeps working."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def _interrupt(accelerator: Accelerator, checkpoints: CheckpointDir, iteration: int, stop: StopSignals,
+               config: Config) -> None:
+    """Write the checkpoint of ``iteration`` on every process, close the logs and raise ``TrainingInterrupted``."""
+    path = checkpoints.save(accelerator, iteration)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    signum = stop.requested or signal.SIGTERM  # another process got the signal: this one stops with it
+    how = "run the same command to resume" if config.resume == "auto" else "run the same command with resume=auto to resume"
+    raise TrainingInterrupted(f"interrupted at iteration {iteration} ({signal.Signals(signum).name}); checkpoint "
+                              f"{path}; {how}", iteration, signum)
 
 
 class _Resumed:

@@ -16,10 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from backbones.errors import UserError
+
+from .cli import DEBUG_HELP, tool
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -124,17 +129,26 @@ def ensure_generated(root: str | Path, num_train: int, num_val: int, size: int, 
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
+@tool
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset in COCO layout.")
     parser.add_argument("root")
     parser.add_argument("--num-train", type=int, default=400)
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
-    generate(args.root, args.num_train, args.num_val, args.size, args.seed)
+    if args.num_train < 1 or args.num_val < 1 or args.size < 32:
+        raise UserError(f"--num-train and --num-val must be at least 1 and --size at least 32, got "
+                        f"{args.num_train}, {args.num_val}, {args.size}")
+    try:
+        generate(args.root, args.num_train, args.num_val, args.size, args.seed)
+    except OSError as error:
+        raise UserError(f"cannot write the dataset under {args.root}: {error.strerror or error}") from error
     print(f"wrote {args.num_train} + {args.num_val} images to {args.root}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

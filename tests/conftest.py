@@ -1,6 +1,23 @@
 import pytest
 import torch
 
+from tasks.synthetic import generate
+
+# overrides that shrink configs/quickstart.yaml to a seconds-long run (tests of the engine and the tools)
+TINY = [
+    "model.backbone.depth=18", "model.fpn.out_channels=32", "model.roi_heads.fc_dim=64",
+    "model.roi_heads.batch_size_per_image=32", "model.rpn.batch_size_per_image=64",
+    "data.min_size_train=[64]", "data.max_size_train=96", "data.min_size_test=64", "data.max_size_test=96",
+    "data.num_workers=0", "train.batch_size=2", "train.log_period=1", "train.warmup_iters=2",
+    "train.schedule=step", "train.steps=[100]", "eval.num_visualize=1", "resume=auto",
+]
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A tiny synthetic shapes dataset (12 training, 5 validation images of 64 px)."""
+    return generate(tmp_path_factory.mktemp("shapes"), num_train=12, num_val=5, size=64, seed=3)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from backbones.errors import UserError
 from tasks.data import read_image, shortest_edge_size
 from tasks.detection.data import CocoDetection, detection_transform
 
@@ -128,11 +129,11 @@ def test_missing_and_corrupt_images_are_named(tmp_path):
     data = CocoDetection(TINYCOCO / "annotations" / "instances_val2017.json", images)
     record = data.records[0]
     (images / record.file_name).unlink()
-    with pytest.raises(FileNotFoundError, match=f"{record.file_name}.*image id {record.image_id}"):
+    with pytest.raises(FileNotFoundError, match=f"{record.file_name}.*image id {record.image_id}, listed in .*instances_val2017.json"):
         data[0]
     record = data.records[1]
     (images / record.file_name).write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    with pytest.raises(ValueError, match=f"cannot decode image .*{record.file_name}.*image id {record.image_id}"):
+    with pytest.raises(UserError, match=f"cannot decode image .*{record.file_name}.*image id {record.image_id}, listed in .*instances_val2017.json"):
         data[1]
 
 

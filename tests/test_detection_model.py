@@ -13,6 +13,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import randomize_frozen_
+from backbones.errors import UserError
 from tasks.detection import build_detector
 from tasks.detection.checkpoint import load_detector_weights
 from tasks.detection.data import CocoDetection, detection_transform
@@ -165,12 +166,14 @@ def test_timm_backbone_in_every_layout(layout):
 
 
 def test_detector_config_errors_name_the_key():
-    with pytest.raises(KeyError, match="model.rpn.nms_thresold"):
+    with pytest.raises(UserError, match="model.rpn.nms_thresold"):
         build_detector({"rpn": {"nms_thresold": 0.5}})
     with pytest.raises(ValueError, match="layout"):
         build_detector({"layout": "c5"})
-    with pytest.raises(ValueError, match="out_features"):
+    with pytest.raises(UserError, match="out_features"):
         build_detector({"backbone": {"name": "resnet", "depth": 18, "out_features": ["res5"]}})
+    with pytest.raises(UserError, match=r"model.roi_heads.nms_thresh must be a number .*got 'high'"):
+        build_detector({"roi_heads": {"nms_thresh": "high"}})
 
 
 def test_boxes_are_rescaled_to_the_original_size():

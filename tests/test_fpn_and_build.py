@@ -9,6 +9,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from backbones import FPN, ResNet, ShapeSpec, TimmBackbone, build_backbone
+from backbones.errors import UserError
 
 
 def test_fpn_shapes_follow_the_bottom_up():
@@ -94,8 +95,8 @@ def test_build_loads_weights_key(tmp_path):
 @pytest.mark.parametrize(
     "config, error, message",
     [
-        ({"name": "resnet", "dpeth": 50}, KeyError, "backbone.dpeth; did you mean 'depth'"),
-        ({"name": "fpn", "bottom_up": {"name": "resnet", "strde_in_1x1": True}}, KeyError, "bottom_up.strde_in_1x1"),
+        ({"name": "resnet", "dpeth": 50}, UserError, "backbone.dpeth; did you mean 'backbone.depth'"),
+        ({"name": "fpn", "bottom_up": {"name": "resnet", "strde_in_1x1": True}}, UserError, "bottom_up.strde_in_1x1"),
         ({"name": "resnt", "depth": 50}, ValueError, "name must be one of resnet, timm, fpn"),
         ({"name": "resnet", "depth": 51}, ValueError, "depth must be one of"),
         ({"name": "fpn"}, ValueError, "bottom_up"),
@@ -124,6 +125,6 @@ def test_weights_torchvision_follows_the_depth(tmp_path, monkeypatch):
     torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     built = build_backbone({"name": "resnet", "depth": 18, "weights": "torchvision"})
     assert torch.equal(built.res3[0].conv1.weight, reference.layer2[0].conv1.weight)
-    with pytest.raises(RuntimeError, match="resnet34-b627a593.pth"):
+    with pytest.raises(UserError, match="resnet34-b627a593.pth"):
         monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
         build_backbone({"name": "resnet", "depth": 34, "weights": "torchvision"})

@@ -10,6 +10,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from backbones import FPN, ResNet, TimmBackbone, load_pretrained
+from backbones.errors import UserError
 from conftest import randomize_
 
 STAGES = ["res2", "res3", "res4", "res5"]
@@ -175,7 +176,7 @@ def test_torchvision_name_offline_says_which_file_to_put_where(tmp_path, monkeyp
         raise OSError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(UserError) as error:
         load_pretrained(ResNet(101, stride_in_1x1=False), "torchvision:resnet101.IMAGENET1K_V2")
     assert "resnet101-cd907fc2.pth" in str(error.value)
     assert str(tmp_path / "hub" / "checkpoints") in str(error.value)
@@ -185,10 +186,52 @@ def test_timm_name_offline_says_where_to_get_the_file():
     code = (
         "from backbones import ResNet, load_pretrained\n"
         "try:\n    load_pretrained(ResNet(50, stride_in_1x1=False), 'timm:resnet50.a1_in1k')\n"
-        "except RuntimeError as e:\n    print(e)\n"
+        "except Exception as e:\n    print(e)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert "timm/resnet50.a1_in1k" in result.stdout and "model.safetensors" in result.stdout
+
+
+class _RunsCode:
+    """A pickle payload that would call os.system if unpickled by pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_weights_load_as_arrays_and_code_is_refused(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from backbones.weights import read_checkpoint
+
+    arrays = {"conv1_w": np.random.rand(4, 3, 3, 3).astype(np.float32), "conv1_b": np.arange(4, dtype=np.float32)}
+    for protocol in (2, 5):  # Python 2-era files (MSRA's) and today's
+        path = tmp_path / f"weights_{protocol}.pkl"
+        path.write_bytes(pickle.dumps({"model": arrays, "__author__": "someone", "matching_heuristics": True},
+                                      protocol=protocol))
+        state = read_checkpoint(path)
+        assert sorted(state) == sorted(arrays)
+        for name, array in arrays.items():
+            assert torch.equal(state[name], torch.from_numpy(array))
+
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"model": {"w": _RunsCode(marker)}}))
+    with pytest.raises(UserError, match=r"cannot read weights file .*evil.pkl .*system.*only numpy arrays"):
+        read_checkpoint(evil)
+    assert not marker.exists()
+    evil_pth = tmp_path / "evil.pth"
+    evil_pth.write_bytes(pickle.dumps({"w": _RunsCode(marker)}))
+    with pytest.raises(UserError, match="cannot read weights file .*evil.pth"):
+        read_checkpoint(evil_pth)
+    assert not marker.exists()

@@ -11,18 +11,27 @@ import json
 import sys
 import time
 
+from backbones.errors import UserError
 from backbones.summary import STANDARD_VARIANTS, markdown_table, summarize
+from tasks.cli import DEBUG_HELP, tool
 
 
-def main(argv: list[str] | None = None) -> int:
+@tool
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="one backbone config as JSON instead of the standard variants")
     parser.add_argument("--size", type=int, default=None, help="input side in pixels (default 224, CIFAR 32)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     if args.config:
-        config = json.loads(args.config)
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--config is not valid JSON ({error}): give e.g. '{{\"name\": \"resnet\", \"depth\": 101}}'") from None
+        if not isinstance(config, dict):
+            raise UserError(f"--config must be a JSON object of backbone keys, got {args.config}")
         size = args.size or (32 if config.get("family") == "cifar" else 224)
         rows = [summarize(config, name=args.config, input_size=size)]
     else:

@@ -35,8 +35,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from backbones.errors import UserError
+from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_config
-from tasks.tasks import get_task
+from tasks.tasks import get_task, prepare_config
 
 
 def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, seed: int = 0):
@@ -67,13 +69,10 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
     from torchvision.ops import MultiScaleRoIAlign
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from tasks.assembly import merged
-    from tasks.detection.model import DEFAULTS, LAYOUT_ANCHORS, POOLER_RESOLUTION
+    from tasks.detection.model import resolve_detector_config
 
-    model_cfg = config.model
-    top = merged(DEFAULTS, model_cfg, "model")
-    rpn = merged(DEFAULTS["rpn"], model_cfg.get("rpn"), "model.rpn")
-    roi = merged(DEFAULTS["roi_heads"], model_cfg.get("roi_heads"), "model.roi_heads")
+    top = resolve_detector_config(config.model)
+    rpn, roi = top["rpn"], top["roi_heads"]
     layout = top["layout"]
     settings = dict(
         min_size=min(height, width), max_size=max(height, width),
@@ -87,10 +86,10 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
         box_batch_size_per_image=roi["batch_size_per_image"], box_positive_fraction=roi["positive_fraction"],
     )
     num_classes = top["num_classes"] + 1
-    body = getattr(torchvision.models, f"resnet{top['backbone'].get('depth', 50)}")(
+    body = getattr(torchvision.models, f"resnet{top['backbone']['depth']}")(
         norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, layout == "dc5"]
     )
-    anchors = merged(LAYOUT_ANCHORS[layout], model_cfg.get("anchors"), "model.anchors")
+    anchors = top["anchors"]
     sizes = tuple(tuple(level) for level in anchors["sizes"])
     ratios = tuple(tuple(level) for level in anchors["aspect_ratios"]) * (len(sizes) if len(anchors["aspect_ratios"]) == 1 else 1)
     anchor_generator = AnchorGenerator(sizes, ratios)
@@ -101,7 +100,7 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
 
     for module in (body.conv1, body.layer1):
         module.requires_grad_(False)
-    resolution = roi["pooler_resolution"] or POOLER_RESOLUTION[layout]
+    resolution = roi["pooler_resolution"]
     stem = [body.conv1, body.bn1, body.relu, body.maxpool, body.layer1, body.layer2, body.layer3]
     channels = {"res4": body.layer3[-1].conv1.in_channels, "res5": body.layer4[-1].conv1.in_channels}
     if layout == "c4":
@@ -227,13 +226,11 @@ def benchmark_models(args, config) -> dict:
     height, width = (int(v) for v in args.size.lower().split("x"))
     task = get_task(config.task)
     autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    backbone = config.model.get("backbone")
-    if backbone and backbone.get("weights"):  # speed does not depend on the values: no download, random init
-        backbone["weights"] = None
-    runners = [Runner("ours", task.build_model(config), args.mode, device, autocast_dtype, False)]
+    # speed does not depend on the values: the initialisation weights are neither fetched nor read
+    runners = [Runner("ours", task.build_model(config, init_weights=False), args.mode, device, autocast_dtype, False)]
     if args.compare == "torchvision":
         if config.task != "detection":
-            raise SystemExit("--compare torchvision is implemented for detection configs")
+            raise UserError("--compare torchvision is implemented for detection configs")
         runners.append(Runner("torchvision", torchvision_detector(config, height, width), args.mode, device, autocast_dtype, True))
     images, targets = synthetic_batch(args.batch_size, height, width, config.model.get("num_classes", 80))
     for runner in runners:  # warm-up, then alternate the models iteration by iteration
@@ -286,7 +283,8 @@ def benchmark_data(args, config) -> dict:
             "num_workers": config.data.num_workers}
 
 
-def main(argv: list[str] | None = None) -> int:
+@tool
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
@@ -301,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output")
     parser.add_argument("--cpu-allocator", choices=["default", "retain"], default="default",
                         help="retain: glibc keeps freed memory for reuse (see retain_freed_memory)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
-    config = load_config(args.config, args.overrides)
+    config = prepare_config(load_config(args.config, args.overrides))
     if args.cpu_allocator == "retain" and not retain_freed_memory():
-        raise SystemExit("--cpu-allocator retain needs glibc's malloc")
+        raise UserError("--cpu-allocator retain needs glibc's malloc")
     torch.manual_seed(0)
     results = benchmark_data(args, config) if args.mode == "data" else benchmark_models(args, config)
     record = {

@@ -17,11 +17,14 @@ import json
 import sys
 from pathlib import Path
 
+from tasks.cli import DEBUG_HELP, tool
 from tasks.coco_eval import coco_evaluate, load_results
-from tasks.config import ConfigError, load_run
+from tasks.config import load_run
+from tasks.tasks import prepare_config
 
 
-def main(argv: list[str] | None = None) -> int:
+@tool
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", nargs="?", help="a run folder or a config file")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
@@ -31,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", help="COCO results file to evaluate")
     parser.add_argument("--iou-type", default="bbox", choices=["bbox", "segm"])
     parser.add_argument("--output", help="metrics.json to write (with --results)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
 
     if args.results or args.annotations:
@@ -46,10 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.source:
         parser.error("give a run folder, a config file with --weights, or --annotations with --results")
 
-    try:
-        config, run_dir, weights = load_run(args.source, args.weights, args.overrides)
-    except ConfigError as error:
-        parser.error(str(error))
+    config, run_dir, weights = load_run(args.source, args.weights, args.overrides)
+    config = prepare_config(config)
     output_dir = Path(args.output_dir or run_dir or config.output_dir)
 
     from tasks.engine import make_accelerator, write_json
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     accelerator = make_accelerator()
     task = get_task(config.task)
-    model = task.build_model(config)
+    model = task.build_model(config, init_weights=False)  # the checkpoint replaces the initialisation
     task.load_weights(model, weights)
     model.to(accelerator.device)
     dataset = task.val_dataset(config)

@@ -18,10 +18,13 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import ConfigError, load_run, resolve_path
+from backbones.errors import UserError, UserFileNotFoundError
+from tasks.cli import DEBUG_HELP, tool
+from tasks.config import load_run, resolve_path
 from tasks.detection import build_detector
 from tasks.detection.checkpoint import load_detector_weights
 from tasks.detection.data import load_coco
+from tasks.tasks import prepare_config
 from tasks.detection.inference import (
     COCO_CATEGORIES,
     DetectionPredictor,
@@ -42,18 +45,21 @@ def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[in
     else:
         annotations = resolve_path(config.data.root, config.data.val.annotations)
         if not annotations.is_file():
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"the config maps labels to categories by data.label_map=contiguous, which needs the category list "
                 f"of {annotations} (data.root, data.val.annotations) or a run folder's categories.json"
             )
         categories = load_coco(annotations).dataset["categories"]
     categories = sorted(categories, key=lambda c: c["id"])
+    if config.data.label_map == "contiguous" and len(categories) != num_classes:
+        raise UserError(f"the model has {num_classes} classes but its category list has {len(categories)}: give the "
+                        "run folder the model was trained in, or set model.num_classes / data.val.annotations to match")
     if config.data.label_map == "coco_id":
         return {i: i for i in range(1, num_classes + 1)}, {c["id"]: c["name"] for c in categories}
     return ({i + 1: c["id"] for i, c in enumerate(categories)}, {i + 1: c["name"] for i, c in enumerate(categories)})
 
 
-def segment(config, run_dir: Path | None, weights: Path, args: argparse.Namespace, output: Path) -> int:
+def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args: argparse.Namespace, output: Path) -> int:
     """The segmentation branch of ``main``."""
     import numpy as np
     from PIL import Image
@@ -63,7 +69,7 @@ def segment(config, run_dir: Path | None, weights: Path, args: argparse.Namespac
     from tasks.segmentation.task import SegmentationTask
 
     task = SegmentationTask()
-    model = task.build_model(config)
+    model = task.build_model(config, init_weights=False)
     task.load_weights(model, weights)
     model.to(args.device).eval()
     if run_dir is not None and (run_dir / "categories.json").is_file():
@@ -74,8 +80,10 @@ def segment(config, run_dir: Path | None, weights: Path, args: argparse.Namespac
         names = ["background"] + [COCO_CATEGORIES[c] for c in VOC20_COCO_IDS]
     else:
         names = [f"class {k}" for k in range(model.num_classes)]
+    if len(names) != model.num_classes:
+        raise UserError(f"the model has {model.num_classes} classes (background included) but the class names "
+                        f"have {len(names)}: set model.num_classes or data.class_set to match")
     resize = ShortestEdgeResize([config.data.min_size_test], config.data.max_size_test)
-    files = list_images(args.input)
     for path in files:
         (image,) = load_images([path])
         resized = torch.from_numpy(resize(image=image)["image"]).permute(2, 0, 1)
@@ -87,7 +95,8 @@ def segment(config, run_dir: Path | None, weights: Path, args: argparse.Namespac
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+@tool
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a config file, or a run folder holding config.yaml and model.safetensors")
     parser.add_argument("--weights", help="checkpoint file (this project's or torchvision's); default: the run's")
@@ -96,24 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--draw-threshold", type=float, default=0.5, help="smallest score drawn")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
 
-    try:
-        config, run_dir, weights = load_run(args.config, args.weights, args.overrides)
-    except ConfigError as error:
-        parser.error(str(error))
+    config, run_dir, weights = load_run(args.config, args.weights, args.overrides)
+    config = prepare_config(config)
+    files = list_images(args.input)  # before any model is built
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     if config.task == "segmentation":
-        return segment(config, run_dir, weights, args, output)
-    model = build_detector(config.model)
+        return segment(config, run_dir, weights, files, args, output)
+    model = build_detector(config.model, init_weights=False)  # the checkpoint replaces the initialisation
     load_detector_weights(model, weights)
     label_to_category, names = label_names(config, run_dir, model.num_classes)
     predictor = DetectionPredictor(model, config.data.min_size_test, config.data.max_size_test, args.device)
 
     predictions = []
-    files = list_images(args.input)
     for index, path in enumerate(files):
         (image,) = load_images([path])
         (detections,) = predictor([image])

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
+
+from backbones.errors import UserError, UserFileNotFoundError
 
 from ..data import ShortestEdgeResize, read_image
 
@@ -29,22 +32,22 @@ def load_coco(annotation_file: str | Path) -> COCO:
     COCO instances file."""
     path = Path(annotation_file)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}; check data.root and the annotation name")
+        raise UserFileNotFoundError(f"annotation file not found: {path}; check data.root and the annotation name")
     try:
         with open(path) as f:
             dataset = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"annotation file {path} is not valid JSON: {error}") from error
+        raise UserError(f"annotation file {path} is not valid JSON: {error}") from error
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(dataset, dict) or k not in dataset]
     if missing:
-        raise ValueError(f"annotation file {path} is not a COCO instances file: no {', '.join(missing)}")
+        raise UserError(f"annotation file {path} is not a COCO instances file: no {', '.join(missing)}")
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         try:
             coco.createIndex()
         except (KeyError, TypeError) as error:
-            raise ValueError(f"annotation file {path} has a malformed entry: {error!r}") from error
+            raise UserError(f"annotation file {path} has a malformed entry: {error!r}") from error
     return coco
 
 
@@ -53,7 +56,7 @@ def load_coco_split(annotation_file: str | Path, image_dir: str | Path) -> tuple
     naming the image folder if it does not exist."""
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {image_dir}; check data.root and the image folder")
+        raise UserFileNotFoundError(f"image folder not found: {image_dir}; check data.root and the image folder")
     return Path(annotation_file), image_dir, load_coco(annotation_file)
 
 
@@ -91,7 +94,7 @@ class CocoDetection(Dataset):
         label_map: str = "contiguous",
     ):
         if label_map not in LABEL_MAPS:
-            raise ValueError(f"label_map must be one of {', '.join(LABEL_MAPS)}, got {label_map!r}")
+            raise UserError(f"data.label_map must be one of {', '.join(LABEL_MAPS)}, got {label_map!r}")
         self.annotation_file, self.image_dir, self.coco = load_coco_split(annotation_file, image_dir)
         self.transform, self.train = transform, train
         self.category_ids = sorted(self.coco.getCatIds())
@@ -122,16 +125,26 @@ class CocoDetection(Dataset):
 
     def _record(self, image_id: int) -> ImageRecord:
         info = self.coco.imgs[image_id]
-        height, width = int(info["height"]), int(info["width"])
+        try:
+            height, width, _ = int(info["height"]), int(info["width"]), str(info["file_name"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"image {image_id} in {self.annotation_file} lacks a valid height, width or file_name: "
+                            f"{info!r}") from None
         boxes, labels, crowd = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             where = f"annotation {ann.get('id')} of image {image_id} in {self.annotation_file}"
             bbox = ann.get("bbox")
             if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise ValueError(f"{where} has no valid 'bbox' [x, y, w, h]: {bbox!r}")
+                raise UserError(f"{where} has no valid 'bbox' [x, y, w, h]: {bbox!r}")
             if ann.get("category_id") not in self.category_to_label:
-                raise ValueError(f"{where} has category_id {ann.get('category_id')!r}, not among the categories")
-            x, y, w, h = (float(v) for v in bbox)
+                raise UserError(f"{where} has category_id {ann.get('category_id')!r}, not among the categories")
+            try:
+                x, y, w, h = (float(v) for v in bbox)
+            except (TypeError, ValueError):
+                raise UserError(f"{where} has a 'bbox' that is not four numbers: {bbox!r}") from None
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                self.dropped["boxes with non-finite coordinates"] += 1
+                continue
             x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
             x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
             if x2 <= x1 or y2 <= y1:
@@ -168,9 +181,9 @@ class CocoDetection(Dataset):
         if seed is not None and self.transform is not None:
             self.transform.set_random_seed(seed)
         record = self.records[index]
-        image = read_image(self.image_dir / record.file_name, record.image_id)
+        image = read_image(self.image_dir / record.file_name, record.image_id, self.annotation_file)
         if image.shape[:2] != (record.height, record.width):
-            raise ValueError(
+            raise UserError(
                 f"image {self.image_dir / record.file_name} (image id {record.image_id}) is "
                 f"{image.shape[1]}x{image.shape[0]} but the annotations say {record.width}x{record.height}"
             )

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+from backbones.errors import UserFileNotFoundError
+
 from ..data import ShortestEdgeResize, read_image
 from .model import FasterRCNN
 
@@ -38,10 +40,10 @@ def list_images(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"input not found: {path}")
+        raise UserFileNotFoundError(f"input not found: {path}")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+        raise UserFileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
     return files
 
 
@@ -64,7 +66,8 @@ class DetectionPredictor:
 def to_coco_results(
     detections: Mapping[str, torch.Tensor], image_id: int, label_to_category: Mapping[int, int]
 ) -> list[dict[str, Any]]:
-    """COCO results entries: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``."""
+    """COCO results entries: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``. Labels with
+    no category (in ``label_to_category``) have nothing to be scored against and are left out."""
     boxes = detections["boxes"].tolist()
     return [
         {
@@ -74,6 +77,7 @@ def to_coco_results(
             "score": round(float(score), 5),
         }
         for (x1, y1, x2, y2), score, label in zip(boxes, detections["scores"].tolist(), detections["labels"].tolist())
+        if int(label) in label_to_category  # e.g. the ids COCO leaves unused, which torchvision's 91-way heads have
     ]
 
 

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from backbones import FPN, Backbone
+from backbones.errors import UserError
 from heads import FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler, RPN
 
-from ..assembly import layout_backbone, merged
+from ..assembly import layout_backbone, merged, resolve_layout_backbone
 from ..batching import batch_images
 
 LAYOUTS = ("fpn", "c4", "dc5")
@@ -130,32 +131,50 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def build_detector(config: Mapping[str, Any]) -> FasterRCNN:
+def resolve_detector_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` section with every default filled in: ``DEFAULTS``, the layout's anchors and pooler
+    resolution, and the backbone builder's own defaults (less the keys the layout decides). What a run
+    folder's ``config.yaml`` keeps, so that it rebuilds the same model whatever the defaults become;
+    resolving a resolved section changes nothing. Unknown keys and values of the wrong type are errors."""
+    top = merged(DEFAULTS, config, "model")
+    layout = top["layout"]
+    if layout not in LAYOUTS:
+        raise UserError(f"model.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    top["backbone"] = resolve_layout_backbone(top["backbone"], layout, tuple(_decided_backbone_keys(layout)))
+    for section in ("rpn", "roi_heads", "fpn"):
+        top[section] = merged(DEFAULTS[section], config.get(section), f"model.{section}")
+    top["anchors"] = merged(LAYOUT_ANCHORS[layout], config.get("anchors"), "model.anchors")
+    top["roi_heads"]["pooler_resolution"] = top["roi_heads"]["pooler_resolution"] or POOLER_RESOLUTION[layout]
+    return top
+
+
+def _decided_backbone_keys(layout: str) -> dict[str, Any]:
+    """The backbone keys the layout sets: the stages it reads, and for dc5 the dilated res5."""
+    out_features = {"fpn": ["res2", "res3", "res4", "res5"], "c4": ["res4", "res5"], "dc5": ["res5"]}[layout]
+    return {"out_features": out_features, **({"output_stride": 16} if layout == "dc5" else {})}
+
+
+def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> FasterRCNN:
     """Build a ``FasterRCNN`` from the ``model`` section of a config (see ``DEFAULTS`` for the keys).
 
     ``layout`` chooses the head: ``fpn`` (the backbone's res2..res5 feed an FPN; RPN on p2..p6; RoIAlign
     7x7 over p2..p5; two fc layers), ``c4`` (the paper's: RPN and RoIAlign 14x14 on res4, res5 as the box
     head) or ``dc5`` (res5 dilated to stride 16 feeds RPN and a 7x7 RoIAlign; two fc layers). The
     backbone's ``out_features`` (and, for dc5, ``output_stride``) follow from the layout.
+    ``init_weights=False`` skips the backbone's initialisation weights (for a full checkpoint loaded next).
     """
-    top = merged(DEFAULTS, config, "model")
+    top = resolve_detector_config(config)
     layout = top["layout"]
-    if layout not in LAYOUTS:
-        raise ValueError(f"model.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    out_features = {"fpn": ["res2", "res3", "res4", "res5"], "c4": ["res4", "res5"], "dc5": ["res5"]}[layout]
-    decided: dict[str, Any] = {"out_features": out_features, **({"output_stride": 16} if layout == "dc5" else {})}
-    backbone = layout_backbone(top["backbone"], layout, **decided)
+    backbone = layout_backbone(top["backbone"], layout, init_weights=init_weights, **_decided_backbone_keys(layout))
 
-    rpn_cfg = merged(DEFAULTS["rpn"], config.get("rpn"), "model.rpn")
-    roi_cfg = merged(DEFAULTS["roi_heads"], config.get("roi_heads"), "model.roi_heads")
-    anchors = merged(LAYOUT_ANCHORS[layout], config.get("anchors"), "model.anchors")
-    pooler_resolution = roi_cfg.pop("pooler_resolution") or POOLER_RESOLUTION[layout]
+    rpn_cfg, roi_cfg, anchors = top["rpn"], dict(top["roi_heads"]), top["anchors"]
+    pooler_resolution = roi_cfg.pop("pooler_resolution")
     pooler_kwargs = {k: roi_cfg.pop(k) for k in ("sampling_ratio", "aligned")}
     pooler_kwargs["impl"] = roi_cfg.pop("pooler_impl")
     num_fc, fc_dim = roi_cfg.pop("num_fc"), roi_cfg.pop("fc_dim")
 
     if layout == "fpn":
-        fpn_cfg = merged(DEFAULTS["fpn"], config.get("fpn"), "model.fpn")
+        fpn_cfg = top["fpn"]
         backbone = FPN(backbone, ["res2", "res3", "res4", "res5"], **fpn_cfg)
         shapes = backbone.output_shape()
         rpn_features = list(shapes)

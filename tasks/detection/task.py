@@ -12,13 +12,15 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
 
+from backbones.errors import UserError
+
 from ..coco_eval import coco_evaluate
 from ..config import Config, resolve_path
 from ..synthetic import ensure_generated
 from .checkpoint import load_detector_weights
 from .data import CocoDetection, collate, detection_transform
 from .inference import draw_detections, to_coco_results
-from .model import build_detector
+from .model import build_detector, resolve_detector_config
 
 
 def prepare_data_root(config: Config) -> Path:
@@ -33,8 +35,12 @@ def prepare_data_root(config: Config) -> Path:
 class DetectionTask:
     """Faster R-CNN on a COCO-layout dataset."""
 
-    def build_model(self, config: Config) -> nn.Module:
-        return build_detector(config.model)
+    @staticmethod
+    def resolve_model(model: dict[str, Any]) -> dict[str, Any]:
+        return resolve_detector_config(model)
+
+    def build_model(self, config: Config, init_weights: bool = True) -> nn.Module:
+        return build_detector(config.model, init_weights=init_weights)
 
     @staticmethod
     def load_weights(model: nn.Module, path: str | Path) -> str:
@@ -50,18 +56,21 @@ class DetectionTask:
             data.max_size_train if train else data.max_size_test,
             data.flip_prob,
         )
-        return CocoDetection(resolve_path(root, paths.annotations), resolve_path(root, paths.images), transform,
-                             train=train, label_map=data.label_map)
-
-    def train_dataset(self, config: Config) -> CocoDetection:
-        dataset = self._dataset(config, "train", train=True)
+        dataset = CocoDetection(resolve_path(root, paths.annotations), resolve_path(root, paths.images), transform,
+                                train=train, label_map=data.label_map)
         num_classes = config.model.get("num_classes", 80)
-        if dataset.num_classes > num_classes:
-            raise ValueError(
-                f"the training annotations ({dataset.annotation_file}) have labels up to {dataset.num_classes} "
-                f"(data.label_map={config.data.label_map}) but model.num_classes is {num_classes}"
+        # training may see a subset of the model's classes; evaluation maps every label back to a category
+        exact = not train and data.label_map == "contiguous"
+        if dataset.num_classes > num_classes or (exact and dataset.num_classes != num_classes):
+            raise UserError(
+                f"the {split} annotations ({dataset.annotation_file}) have {dataset.num_classes} labels "
+                f"(data.label_map={data.label_map}) but model.num_classes is {num_classes}: set model.num_classes "
+                f"to match, or use the annotation file the model was trained with"
             )
         return dataset
+
+    def train_dataset(self, config: Config) -> CocoDetection:
+        return self._dataset(config, "train", train=True)
 
     def val_dataset(self, config: Config) -> CocoDetection:
         return self._dataset(config, "val", train=False)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from backbones.errors import UserError
+
 from ..data import ShortestEdgeResize, read_image
 from ..detection.data import load_coco_split
 
@@ -38,19 +40,19 @@ class CocoSegmentation(Dataset):
     def __init__(self, annotation_file: str | Path, image_dir: str | Path, class_set: str = "coco80",
                  transform: A.Compose | None = None, train: bool = False, min_pixels: int = 1000):
         if class_set not in CLASS_SETS:
-            raise ValueError(f"data.class_set must be one of {', '.join(CLASS_SETS)}, got {class_set!r}")
+            raise UserError(f"data.class_set must be one of {', '.join(CLASS_SETS)}, got {class_set!r}")
         self.annotation_file, self.image_dir, self.coco = load_coco_split(annotation_file, image_dir)
         self.transform, self.train = transform, train
         all_ids = sorted(self.coco.getCatIds())
         if class_set == "voc20":
             missing = [c for c in VOC20_COCO_IDS if c not in all_ids]
             if missing:
-                raise ValueError(f"{self.annotation_file} lacks the VOC categories {missing}; use class_set coco80/all")
+                raise UserError(f"{self.annotation_file} lacks the VOC categories {missing}; use class_set coco80/all")
             chosen = VOC20_COCO_IDS
         elif class_set == "coco80":
             chosen = all_ids if len(all_ids) == 80 else None
             if chosen is None:
-                raise ValueError(f"{self.annotation_file} has {len(all_ids)} categories, not COCO's 80; use class_set all")
+                raise UserError(f"{self.annotation_file} has {len(all_ids)} categories, not COCO's 80; use class_set all")
         else:
             chosen = all_ids
         self.category_to_label = {c: i + 1 for i, c in enumerate(chosen)}
@@ -79,7 +81,7 @@ class CocoSegmentation(Dataset):
             try:
                 region = self.coco.annToMask(ann).astype(bool)
             except Exception as error:  # malformed polygon / RLE
-                raise ValueError(f"annotation {ann.get('id')} of image {image_id} in {self.annotation_file} has "
+                raise UserError(f"annotation {ann.get('id')} of image {image_id} in {self.annotation_file} has "
                                  f"an unreadable segmentation: {error!r}") from error
             if ann.get("iscrowd"):
                 crowd |= region
@@ -96,10 +98,10 @@ class CocoSegmentation(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
-        image = read_image(self.image_dir / info["file_name"], image_id)
+        image = read_image(self.image_dir / info["file_name"], image_id, self.annotation_file)
         mask = self.semantic_mask(image_id)
         if image.shape[:2] != mask.shape:
-            raise ValueError(f"image {self.image_dir / info['file_name']} (image id {image_id}) is "
+            raise UserError(f"image {self.image_dir / info['file_name']} (image id {image_id}) is "
                              f"{image.shape[1]}x{image.shape[0]} but the annotations say {mask.shape[1]}x{mask.shape[0]}")
         if self.transform is not None:
             if seed is not None:

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import Backbone
+from backbones.errors import UserError
 from heads.fcn import FCNHead, SegmentationHead
 
-from ..assembly import layout_backbone, merged
+from ..assembly import layout_backbone, merged, resolve_layout_backbone
 from ..batching import batch_images
 from ..detection.model import IMAGENET_MEAN, IMAGENET_STD
 
@@ -79,27 +80,46 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def build_segmenter(config: Mapping[str, Any]) -> SemanticSegmentor:
+def _decided_backbone_keys(layout: str, aux: bool, output_stride: int) -> dict[str, Any]:
+    """The backbone keys the layout sets: the stages its heads read, and for fcn the dilation."""
+    wanted = set(LAYOUTS[layout] or ["res5"]) | ({"res4"} if aux else set())
+    decided: dict[str, Any] = {"out_features": [f for f in ("res2", "res3", "res4", "res5") if f in wanted]}
+    if layout == "fcn":
+        decided["output_stride"] = output_stride
+    return decided
+
+
+def resolve_segmenter_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` section with every default filled in (``DEFAULTS`` and the backbone builder's own,
+    less the keys the layout decides): what a run folder's ``config.yaml`` keeps. Idempotent."""
+    cfg = merged(DEFAULTS, config, "model")
+    layout = cfg["layout"]
+    if layout not in LAYOUTS:
+        raise UserError(f"model.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout != "fcn" and cfg["output_stride"] != 32:
+        if "output_stride" in dict(config):
+            raise UserError(f"model.output_stride applies to layout fcn; {layout} needs an undilated backbone "
+                            "(output_stride 32)")
+        cfg["output_stride"] = 32
+    decided = _decided_backbone_keys(layout, cfg["aux"], cfg["output_stride"])
+    cfg["backbone"] = resolve_layout_backbone(cfg["backbone"], layout, tuple(decided))
+    return cfg
+
+
+def build_segmenter(config: Mapping[str, Any], init_weights: bool = True) -> SemanticSegmentor:
     """Build from the ``model`` section of a config (keys: ``DEFAULTS``).
 
     ``layout``: ``fcn`` (FCN head on ``res5`` of a ResNet dilated to ``output_stride`` 8, 16 or 32, as
     torchvision's FCN) or ``fcn32s``/``fcn16s``/``fcn8s`` (undilated ResNet, skip fusion from ``res4`` and
     ``res3`` as in Long et al.). ``aux`` adds an FCN head on ``res4`` whose loss is weighted by
-    ``aux_weight``. The backbone's ``out_features`` follow from the layout.
+    ``aux_weight``. The backbone's ``out_features`` follow from the layout. ``init_weights=False`` skips
+    the backbone's initialisation weights (for a full checkpoint loaded next).
     """
-    cfg = merged(DEFAULTS, config, "model")
+    cfg = resolve_segmenter_config(config)
     layout = cfg["layout"]
-    if layout not in LAYOUTS:
-        raise ValueError(f"model.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     in_features = LAYOUTS[layout] or ["res5"]
-    wanted = set(in_features) | ({"res4"} if cfg["aux"] else set())
-    decided: dict[str, Any] = {"out_features": [f for f in ("res2", "res3", "res4", "res5") if f in wanted]}
-    if layout == "fcn":
-        decided["output_stride"] = cfg["output_stride"]
-    elif dict(config).get("output_stride", 32) != 32:
-        raise ValueError(f"model.output_stride applies to layout fcn; {layout} needs an undilated backbone "
-                         "(output_stride 32)")
-    backbone = layout_backbone(cfg["backbone"], layout, **decided)
+    decided = _decided_backbone_keys(layout, cfg["aux"], cfg["output_stride"])
+    backbone = layout_backbone(cfg["backbone"], layout, init_weights=init_weights, **decided)
     shapes = backbone.output_shape()
     head = SegmentationHead(shapes, in_features, cfg["num_classes"], cfg["head_norm"], cfg["dropout"])
     aux_head = FCNHead(shapes["res4"].channels, cfg["num_classes"], cfg["head_norm"], cfg["dropout"]) if cfg["aux"] else None

@@ -12,19 +12,25 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from backbones.errors import UserError
+
 from ..config import Config, resolve_path
 from ..detection.task import prepare_data_root
 from .checkpoint import load_segmenter_weights
 from .data import CocoSegmentation, confusion_matrix, segmentation_metrics, segmentation_transform
 from .drawing import draw_segmentation
-from .model import build_segmenter
+from .model import build_segmenter, resolve_segmenter_config
 
 
 class SegmentationTask:
     """FCN on COCO (or the synthetic shapes) semantic masks."""
 
-    def build_model(self, config: Config) -> nn.Module:
-        return build_segmenter(config.model)
+    @staticmethod
+    def resolve_model(model: dict[str, Any]) -> dict[str, Any]:
+        return resolve_segmenter_config(model)
+
+    def build_model(self, config: Config, init_weights: bool = True) -> nn.Module:
+        return build_segmenter(config.model, init_weights=init_weights)
 
     @staticmethod
     def load_weights(model: nn.Module, path: str | Path) -> str:
@@ -44,7 +50,7 @@ class SegmentationTask:
                                    data.class_set, transform, train=train, min_pixels=data.min_pixels)
         num_classes = config.model.get("num_classes", 21)
         if dataset.num_classes != num_classes:
-            raise ValueError(f"data.class_set={data.class_set} gives {dataset.num_classes} classes with background "
+            raise UserError(f"data.class_set={data.class_set} gives {dataset.num_classes} classes with background "
                              f"but model.num_classes is {num_classes}")
         return dataset
 
