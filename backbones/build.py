@@ -16,7 +16,8 @@ from .weights import load_pretrained
 # name -> (builder taking the remaining keys, the keys it accepts besides `name` and `weights`)
 _RESNET_KEYS = (
     "depth", "out_features", "stride_in_1x1", "shortcut", "residual", "preact", "norm", "freeze_at",
-    "zero_init_residual", "output_stride", "family", "in_channels", "fold_frozen_bn",
+    "zero_init_residual", "output_stride", "family", "in_channels", "fold_frozen_bn", "dilate_first_block",
+    "width_per_group", "res2_out_channels",
 )
 _TIMM_KEYS = ("model", "out_features", "output_stride", "norm", "freeze_at", "in_channels")
 _FPN_KEYS = ("bottom_up", "in_features", "out_channels", "top_block")
@@ -83,7 +84,8 @@ def build_backbone(config: Mapping[str, Any], where: str = "backbone", init_weig
     ``name`` is ``resnet`` (keys: the arguments of ``ResNet``), ``timm`` (``model`` and the arguments of
     ``TimmBackbone``) or ``fpn`` (``bottom_up``: another backbone config, plus the arguments of ``FPN``).
     ``weights`` (any backbone) is a file or a ``torchvision:``/``timm:`` name given to ``load_pretrained``;
-    ``weights: torchvision`` means torchvision's ImageNet weights of the configured ResNet depth.
+    ``weights: torchvision`` means torchvision's ImageNet weights of the configured ResNet depth (its
+    Wide ResNet-50-2/101-2 for ``width_per_group: 128``).
     ``init_weights=False`` builds the same network without reading or fetching its ``weights`` (for a
     caller that loads a full checkpoint next). An unknown key or value is a ``UserError`` naming it.
     """
@@ -102,7 +104,9 @@ def build_backbone(config: Mapping[str, Any], where: str = "backbone", init_weig
         if name != "resnet":
             raise UserError(f"{where}.weights: 'torchvision' names ImageNet weights of a resnet backbone; "
                             "use timm:<model>.<tag> or a file for timm backbones")
-        weights = f"torchvision:resnet{config.get('depth', 50)}.IMAGENET1K_V1"
+        depth, width = config.get("depth", 50), config.get("width_per_group", 64)
+        arch = f"wide_resnet{depth}_2" if width == 128 else f"resnet{depth}"
+        weights = f"torchvision:{arch}.IMAGENET1K_V1"
     if weights and init_weights:
         load_pretrained(backbone, weights)
     return backbone

@@ -109,7 +109,7 @@ class Projection(nn.Module):
 
 class ResidualBlock(nn.Module):
     """A basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1) block, post- or pre-activation, with or without
-    its shortcut.
+    its shortcut. A bottleneck's inner ``width`` defaults to a quarter of ``out_channels``.
 
     Post-activation (the CVPR paper): ``relu(branch(x) + shortcut(x))`` with ``branch`` = conv-norm-ReLU
     ... conv-norm. Pre-activation (He et al., ECCV 2016): ``branch(x) + shortcut(x)`` with ``branch`` =
@@ -131,6 +131,7 @@ class ResidualBlock(nn.Module):
         residual: bool,
         preact: bool,
         preactivate_input: bool = True,
+        width: int | None = None,
     ):
         super().__init__()
         self.preact = preact
@@ -139,7 +140,7 @@ class ResidualBlock(nn.Module):
         if block == "basic":
             convs = [(in_channels, out_channels, 3, stride, dilation), (out_channels, out_channels, 3, 1, dilation)]
         else:
-            width = out_channels // BOTTLENECK_EXPANSION
+            width = width or out_channels // BOTTLENECK_EXPANSION
             stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
             convs = [
                 (in_channels, width, 1, stride_1x1, 1),
@@ -208,8 +209,16 @@ class ResNet(Backbone):
             statistics fixed. 0 freezes nothing.
         zero_init_residual: start every block as its shortcut by zero-initializing the last norm of its
             residual branch (the last conv in a pre-activation block).
-        output_stride: 32 (16: dilate res5, 8: dilate res4 and res5) for ImageNet; 4 (2, 1) for CIFAR. As in
-            torchvision, the first block of a dilated stage keeps the previous dilation.
+        output_stride: 32 (16: dilate res5, 8: dilate res4 and res5) for ImageNet; 4 (2, 1) for CIFAR.
+        dilate_first_block: in a dilated stage, dilate the first block's 3x3 conv too (detectron2's
+            ``RES5_DILATION``); False keeps the previous stage's dilation there (torchvision's
+            ``replace_stride_with_dilation``). Same parameters either way.
+        width_per_group: the 3x3-conv width of res2, doubling each stage (ImageNet family): 64 for the
+            paper's networks, 128 for torchvision's Wide ResNet-50-2/101-2 (detectron2's
+            ``WIDTH_PER_GROUP``).
+        res2_out_channels: output channels of res2, doubling each stage (detectron2's ``RES2_OUT_CHANNELS``);
+            default 256 for bottlenecks (whatever their width), ``width_per_group`` for basic blocks (which
+            must keep that).
         family: "imagenet" or "cifar".
         in_channels: channels of the input images.
         fold_frozen_bn: compute each conv followed by a FrozenBN (``norm: FrozenBN``, or the frozen stages
@@ -233,6 +242,9 @@ class ResNet(Backbone):
         family: str = "imagenet",
         in_channels: int = 3,
         fold_frozen_bn: bool = False,
+        dilate_first_block: bool = False,
+        width_per_group: int = 64,
+        res2_out_channels: int | None = None,
     ):
         super().__init__()
         spec = depth_spec(depth, family)
@@ -267,8 +279,7 @@ class ResNet(Backbone):
             )
 
         shapes = {"stem": ShapeSpec(stem_width, self.stem.stride)}
-        widths = IMAGENET_WIDTHS if family == "imagenet" else CIFAR_WIDTHS
-        expansion = BOTTLENECK_EXPANSION if spec.block == "bottleneck" else 1
+        widths, out_widths = self._stage_widths(spec.block, family, width_per_group, res2_out_channels)
         channels, stride, dilation = stem_width, self.stem.stride, 1
         self.stage_names: list[str] = []
         for index in range(num_built):
@@ -278,8 +289,9 @@ class ResNet(Backbone):
             if index >= num_stages - dilated:
                 dilation *= stage_stride
                 stage_stride = 1
+                first_dilation = dilation if dilate_first_block else first_dilation
             stride *= stage_stride
-            out_channels = widths[index] * expansion
+            out_channels = out_widths[index]
             blocks = []
             for b in range(spec.blocks_per_stage[index]):
                 blocks.append(
@@ -295,6 +307,7 @@ class ResNet(Backbone):
                         residual=residual,
                         preact=preact,
                         preactivate_input=not (index == 0 and b == 0),
+                        width=widths[index] if spec.block == "bottleneck" else None,
                     )
                 )
             self.add_module(name, nn.Sequential(*blocks))
@@ -314,6 +327,23 @@ class ResNet(Backbone):
         for module in self.modules():
             if isinstance(module, (Stem, Projection, ResidualBlock)):
                 module.fold_frozen_bn = fold_frozen_bn
+
+    @staticmethod
+    def _stage_widths(block: str, family: str, width_per_group: int,
+                      res2_out_channels: int | None) -> tuple[list[int], list[int]]:
+        """Per stage: the 3x3-conv width and the output channels."""
+        if family == "cifar":
+            if width_per_group != 64 or res2_out_channels is not None:
+                raise ValueError("width_per_group and res2_out_channels apply to the ImageNet family only")
+            return list(CIFAR_WIDTHS), list(CIFAR_WIDTHS)
+        if width_per_group < 1:
+            raise ValueError(f"width_per_group must be positive, got {width_per_group}")
+        res2_out = res2_out_channels or (IMAGENET_WIDTHS[0] * BOTTLENECK_EXPANSION if block == "bottleneck" else width_per_group)
+        if block == "basic" and res2_out != width_per_group:
+            raise ValueError(f"a basic-block ResNet's res2_out_channels equals its width_per_group "
+                             f"({width_per_group}), got {res2_out}")
+        return ([width_per_group * 2**i for i in range(len(IMAGENET_WIDTHS))],
+                [res2_out * 2**i for i in range(len(IMAGENET_WIDTHS))])
 
     def pop_stage(self, name: str) -> nn.Module:
         """Remove the last built stage from this backbone and return it; the C4 detector runs ``res5`` on

@@ -1,4 +1,5 @@
-"""Pretrained weights: load torchvision, timm or this project's checkpoints into a backbone, strictly.
+"""Pretrained weights: load torchvision, timm, detectron2, MSRA (Caffe2) or this project's checkpoints into
+a backbone, strictly.
 
 The checkpoint's format is detected from its keys and mapped onto the backbone's names. Every tensor of
 the backbone must be provided and every tensor of the checkpoint must be used; the only tensors set aside
@@ -25,7 +26,7 @@ from .timm_backbone import TimmBackbone
 
 logger = logging.getLogger(__name__)
 
-_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.fc.", "head.")
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.fc.", "head.", "fc1000_", "linear.")
 _OPTIONAL_SUFFIX = "num_batches_tracked"  # present in some BatchNorm checkpoints, not in others
 
 
@@ -61,6 +62,57 @@ def map_torchvision_resnet_key(key: str) -> str | None:
     if m := re.match(r"^layer(\d)\.(\d+)\.downsample\.([01])\.(.*)$", key):
         return f"res{int(m[1]) + 1}.{m[2]}.shortcut.{'conv' if m[3] == '0' else 'norm'}.{m[4]}"
     return None
+
+
+def map_detectron2_resnet_key(key: str) -> str | None:
+    """detectron2 ResNet key (``stem.conv1.weight``, ``res2.0.conv1.norm.weight``, ``res2.0.shortcut.weight``)
+    -> this project's ResNet key (None: not a ResNet backbone key)."""
+    if m := re.match(r"^stem\.conv1\.(weight|bias)$", key):
+        return f"stem.conv.{m[1]}"
+    if m := re.match(r"^stem\.conv1\.norm\.(.*)$", key):
+        return f"stem.norm.{m[1]}"
+    if m := re.match(r"^(res[2-5]\.\d+)\.conv(\d)\.(weight|bias)$", key):
+        return f"{m[1]}.conv{m[2]}.{m[3]}"
+    if m := re.match(r"^(res[2-5]\.\d+)\.conv(\d)\.norm\.(.*)$", key):
+        return f"{m[1]}.norm{m[2]}.{m[3]}"
+    if m := re.match(r"^(res[2-5]\.\d+)\.shortcut\.(weight|bias)$", key):
+        return f"{m[1]}.shortcut.conv.{m[2]}"
+    if m := re.match(r"^(res[2-5]\.\d+)\.shortcut\.norm\.(.*)$", key):
+        return f"{m[1]}.shortcut.norm.{m[2]}"
+    return None
+
+
+# Caffe2 blob suffixes of MSRA's ResNets: a conv's weight, and the affine (scale, bias) each BatchNorm was
+# folded into (no running statistics are stored).
+_CAFFE2_SUFFIXES = {"_w": "weight", "_b": "bias", "_bn_s": "norm.weight", "_bn_b": "norm.bias"}
+
+
+def map_caffe2_resnet_key(key: str) -> str | None:
+    """MSRA Caffe2 blob name (``conv1_w``, ``res_conv1_bn_s``, ``res2_0_branch2a_w``, ``res2_0_branch1_bn_b``)
+    -> this project's ResNet key (None: not a ResNet backbone blob, e.g. ``fc1000_w``)."""
+    for suffix in ("_bn_s", "_bn_b", "_w", "_b"):
+        if key.endswith(suffix):
+            stem, what = key[: -len(suffix)], _CAFFE2_SUFFIXES[suffix]
+            break
+    else:
+        return None
+    conv_or_norm = "conv" if what in ("weight", "bias") else "norm"
+    param = what.rsplit(".", 1)[-1]
+    if stem in ("conv1", "res_conv1"):
+        return f"stem.{conv_or_norm}.{param}"
+    if m := re.match(r"^res([2-5])_(\d+)_branch(1|2a|2b|2c)$", stem):
+        if m[3] == "1":
+            return f"res{m[1]}.{m[2]}.shortcut.{conv_or_norm}.{param}"
+        index = {"2a": 1, "2b": 2, "2c": 3}[m[3]]
+        return f"res{m[1]}.{m[2]}.{conv_or_norm}{index}.{param}"
+    return None
+
+
+_RESNET_KEY_MAPS: dict[str, Callable[[str], str | None]] = {
+    "torchvision-resnet": map_torchvision_resnet_key,
+    "detectron2-resnet": map_detectron2_resnet_key,
+    "caffe2-resnet": map_caffe2_resnet_key,
+}
 
 
 def _map_timm_key(key: str, model: TimmBackbone) -> tuple[str | None, str | None]:
@@ -140,10 +192,65 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+DETECTRON2_URL = "https://dl.fbaipublicfiles.com/detectron2/"
+# detectron2's model zoo (its MODEL_ZOO.md): name -> path under DETECTRON2_URL
+DETECTRON2_ZOO = {
+    "COCO-Detection/faster_rcnn_R_50_C4_1x": "137257644/model_final_721ade.pkl",
+    "COCO-Detection/faster_rcnn_R_50_DC5_1x": "137847829/model_final_51d356.pkl",
+    "COCO-Detection/faster_rcnn_R_50_FPN_1x": "137257794/model_final_b275ba.pkl",
+    "COCO-Detection/faster_rcnn_R_50_C4_3x": "137849393/model_final_f97cb7.pkl",
+    "COCO-Detection/faster_rcnn_R_50_DC5_3x": "137849425/model_final_68d202.pkl",
+    "COCO-Detection/faster_rcnn_R_50_FPN_3x": "137849458/model_final_280758.pkl",
+    "COCO-Detection/faster_rcnn_R_101_C4_3x": "138204752/model_final_298dad.pkl",
+    "COCO-Detection/faster_rcnn_R_101_DC5_3x": "138204841/model_final_3e0943.pkl",
+    "COCO-Detection/faster_rcnn_R_101_FPN_3x": "137851257/model_final_f6e8b1.pkl",
+}
+# MSRA's original ImageNet ResNets (the paper's networks, Caffe2 blob names), as detectron2 hosts them
+DETECTRON2_IMAGENET = ("ImageNetPretrained/MSRA/R-50.pkl", "ImageNetPretrained/MSRA/R-101.pkl")
+
+
+def detectron2_url(name: str) -> str:
+    """The download address of ``detectron2:<name>``: a model-zoo entry or an ImageNet backbone."""
+    if name in DETECTRON2_ZOO:
+        return f"{DETECTRON2_URL}{name}/{DETECTRON2_ZOO[name]}"
+    if name in DETECTRON2_IMAGENET:
+        return f"{DETECTRON2_URL}{name}"
+    known = ", ".join([*DETECTRON2_ZOO, *DETECTRON2_IMAGENET])
+    raise UserError(f"unknown detectron2 weights {name!r}; known: {known}")
+
+
+def detectron2_cache_path(name: str) -> Path:
+    """Where ``detectron2:<name>`` is kept once downloaded: beside torchvision's weights (``TORCH_HOME``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / "detectron2" / detectron2_url(name)[len(DETECTRON2_URL):]
+
+
+def fetch_detectron2_file(name: str) -> Path:
+    """The cached file of ``detectron2:<name>``, downloaded first if absent. Offline, the error names the
+    address and the cache path to put the file at."""
+    url, path = detectron2_url(name), detectron2_cache_path(name)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        try:
+            torch.hub.download_url_to_file(url, str(partial), progress=False)
+        except Exception as error:
+            partial.unlink(missing_ok=True)
+            raise UserError(
+                f"could not fetch detectron2:{name} ({type(error).__name__}: {error}). Without network access, "
+                f"download {url} elsewhere and put it at {path}, or give the file's path as the weights"
+            ) from error
+        partial.replace(path)
+    return path
+
+
 def fetch_named_weights(source: str) -> dict[str, torch.Tensor]:
     """``torchvision:<arch>.<WEIGHTS>`` or ``timm:<model>.<tag>`` through those libraries' own download
-    and cache. Offline, a missing file is an error that says which file to put where."""
+    and cache; ``detectron2:<zoo name>`` (e.g. ``detectron2:COCO-Detection/faster_rcnn_R_101_C4_3x`` or
+    ``detectron2:ImageNetPretrained/MSRA/R-50.pkl``) from detectron2's model zoo into torch's cache.
+    Offline, a missing file is an error that says which file to put where."""
     library, _, name = source.partition(":")
+    if library == "detectron2":
+        return read_checkpoint(fetch_detectron2_file(name))
     if library == "torchvision":
         import torchvision
 
@@ -180,14 +287,21 @@ def fetch_named_weights(source: str) -> dict[str, torch.Tensor]:
                 "(HF_HUB_OFFLINE=1 skips the download retries)"
             ) from error
     raise UserError(
-        f"unknown weights source {source!r}: give a file path, 'torchvision:<arch>.<WEIGHTS>' or "
-        "'timm:<model>.<tag>'"
+        f"unknown weights source {source!r}: give a file path, 'torchvision:<arch>.<WEIGHTS>', "
+        "'timm:<model>.<tag>' or 'detectron2:<model zoo name>'"
     )
 
 
+def is_weights_name(source: str | Path) -> bool:
+    """Whether ``source`` names weights (``library:name``) rather than a file."""
+    source = str(source)
+    return re.match(r"^[A-Za-z]\w+:", source) is not None and not Path(source).exists()
+
+
 def detect_format(state: dict[str, torch.Tensor], model: nn.Module) -> str:
-    """``native`` (this project's names), ``torchvision-resnet`` (torchvision's and timm's ResNet names)
-    or ``timm`` (a timm model's own names, for a TimmBackbone)."""
+    """``native`` (this project's names), ``torchvision-resnet`` (torchvision's and timm's ResNet names),
+    ``detectron2-resnet`` (detectron2's ResNet names), ``caffe2-resnet`` (MSRA's original Caffe2 blob
+    names) or ``timm`` (a timm model's own names, for a TimmBackbone)."""
     own = set(model.state_dict())
     keys = set(state)
     if len(keys & own) >= 0.5 * len(keys):
@@ -196,18 +310,25 @@ def detect_format(state: dict[str, torch.Tensor], model: nn.Module) -> str:
         return "timm"
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         return "torchvision-resnet"
+    if "stem.conv1.weight" in keys and any(k.startswith("res2.") for k in keys):
+        return "detectron2-resnet"
+    if "conv1_w" in keys and any(k.startswith("res2_0_") for k in keys):
+        return "caffe2-resnet"
     if any(k.startswith("conv1.0.") for k in keys):
         raise UserError("these weights have a deep 3-conv stem (timm's resnet*d/resnet*c): build the backbone "
                          "with name: timm and the matching model name instead of name: resnet")
     raise UserError(f"unrecognized checkpoint format (first keys: {sorted(keys)[:5]})")
 
 
-def _check_resnet_layout(model: ResNet, source: str) -> None:
-    """torchvision and timm ResNets: ImageNet family, post-activation, BatchNorm statistics, stride in
-    the 3x3 conv. Refuse a config that disagrees."""
+def _check_resnet_layout(model: ResNet, source: str, stride_in_1x1: bool) -> None:
+    """torchvision's, timm's and MSRA's ResNets: ImageNet family, post-activation, BatchNorm, a
+    bottleneck's stride in the 3x3 conv (torchvision, timm) or in the first 1x1 conv (MSRA). Refuse a
+    config that disagrees."""
     problems = []
-    if model.block == "bottleneck" and model.stride_in_1x1:
-        problems.append("they put a bottleneck's stride in the 3x3 conv: set stride_in_1x1: false")
+    if model.block == "bottleneck" and model.stride_in_1x1 != stride_in_1x1:
+        where = "first 1x1" if stride_in_1x1 else "3x3"
+        problems.append(f"they put a bottleneck's stride in the {where} conv: set stride_in_1x1: "
+                        f"{str(stride_in_1x1).lower()}")
     if model.norm == "GN":
         problems.append("they come from a BatchNorm network: use norm BN, FrozenBN or SyncBN, not GN")
     if model.preact:
@@ -221,14 +342,14 @@ def _check_resnet_layout(model: ResNet, source: str) -> None:
 def load_pretrained(model: nn.Module, source: str | Path) -> LoadReport:
     """Load weights into a ResNet, FPN or TimmBackbone.
 
-    ``source`` is a checkpoint file (torchvision or timm ResNet, timm model for a TimmBackbone, or this
-    project's own, ``.pth`` or ``.safetensors``) or a name ``torchvision:resnet101.IMAGENET1K_V2`` /
-    ``timm:resnet50.a1_in1k``. A torchvision/timm checkpoint given to an FPN loads into its bottom-up
-    backbone. Raises listing every missing, unexpected or mis-shaped tensor.
+    ``source`` is a checkpoint file (a torchvision, timm, detectron2 or MSRA Caffe2 ResNet, a timm model
+    for a TimmBackbone, or this project's own; ``.pth``, ``.safetensors`` or ``.pkl``) or a name
+    ``torchvision:resnet101.IMAGENET1K_V2`` / ``timm:resnet50.a1_in1k`` /
+    ``detectron2:ImageNetPretrained/MSRA/R-50.pkl``. A foreign ResNet checkpoint given to an FPN loads
+    into its bottom-up backbone. Raises listing every missing, unexpected or mis-shaped tensor.
     """
     source = str(source)
-    is_named = re.match(r"^[A-Za-z]\w+:", source) is not None and not Path(source).exists()
-    state = fetch_named_weights(source) if is_named else read_checkpoint(source)
+    state = fetch_named_weights(source) if is_weights_name(source) else read_checkpoint(source)
     fmt = detect_format(state, model)
     if isinstance(model, FPN) and fmt != "native":
         return load_pretrained_state(model.bottom_up, state, source, fmt)
@@ -249,8 +370,8 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], sour
             new_key, module = key, key.split(".")[0]
         elif fmt == "timm":
             new_key, module = _map_timm_key(key, model)
-        elif fmt == "torchvision-resnet" and isinstance(model, ResNet):
-            new_key = map_torchvision_resnet_key(key)
+        elif fmt in _RESNET_KEY_MAPS and isinstance(model, ResNet):
+            new_key = _RESNET_KEY_MAPS[fmt](key)
             module = new_key.split(".")[0] if new_key else None
         else:
             raise UserError(f"{fmt} weights from {source} cannot be loaded into a {type(model).__name__}")
@@ -261,11 +382,27 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], sour
         elif not key.endswith(_OPTIONAL_SUFFIX):
             unexpected.append(key)
 
-    if isinstance(model, ResNet) and fmt == "torchvision-resnet":
-        _check_resnet_layout(model, source)
+    if isinstance(model, ResNet) and fmt in ("torchvision-resnet", "caffe2-resnet"):
+        _check_resnet_layout(model, source, stride_in_1x1=fmt == "caffe2-resnet")
+    if fmt == "caffe2-resnet":
+        unexpected = [k for k in unexpected if not k.endswith("_momentum")]  # optimizer state of Caffe2 runs
+        mapped = with_identity_statistics(model, mapped)
     report.loaded = strict_load(model, mapped, source, fmt, unexpected)
     logger.info("%s", report)
     return report
+
+
+def with_identity_statistics(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """``state`` plus, for every BatchNorm of ``model`` (under ``prefix``) whose scale and bias it holds but
+    not its statistics, a running mean of 0 and a running variance of ``1 - eps``: the norm is then exactly
+    the affine ``x * scale + bias`` that Caffe2 networks store in place of a BatchNorm."""
+    state = dict(state)
+    for name, module in model.named_modules():
+        key = f"{prefix}{name}."
+        if hasattr(module, "running_var") and hasattr(module, "eps") and f"{key}weight" in state:
+            state.setdefault(f"{key}running_mean", torch.zeros_like(state[f"{key}weight"]))
+            state.setdefault(f"{key}running_var", torch.full_like(state[f"{key}weight"], 1 - module.eps))
+    return state
 
 
 def remap_keys(state: dict[str, torch.Tensor], mapping: Callable[[str], str | None]) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -12,7 +12,8 @@ class AnchorGenerator(nn.Module):
     """Anchors of ``sizes[l]`` x ``aspect_ratios[l]`` (height / width) centred on every cell of level ``l``.
 
     A level's anchors are ordered cell by cell (row-major), and within a cell ratio-major then size, so
-    they line up with RPN outputs reshaped as ``(N, H, W, A)``. Base anchors are rounded to whole pixels.
+    they line up with RPN outputs reshaped as ``(N, H, W, A)``. ``round_base=True`` rounds the base
+    anchors to whole pixels (torchvision); detectron2 keeps them exact.
 
     ``grid_stride``: "declared" uses each level's stride from the backbone's ``output_shape()``;
     "padded_image" divides the padded image size by the feature size (integer division), as torchvision
@@ -25,6 +26,7 @@ class AnchorGenerator(nn.Module):
         aspect_ratios: Sequence[Sequence[float]],
         strides: Sequence[int],
         grid_stride: str = "declared",
+        round_base: bool = True,
     ):
         super().__init__()
         if not (len(sizes) == len(aspect_ratios) == len(strides)):
@@ -36,13 +38,14 @@ class AnchorGenerator(nn.Module):
             raise ValueError(f"grid_stride must be 'declared' or 'padded_image', got {grid_stride!r}")
         self.strides = list(strides)
         self.grid_stride = grid_stride
+        self.sizes, self.aspect_ratios = [list(s) for s in sizes], [list(r) for r in aspect_ratios]
         for level, (level_sizes, ratios) in enumerate(zip(sizes, aspect_ratios)):
-            self.register_buffer(f"base{level}", self.base_anchors(level_sizes, ratios), persistent=False)
+            self.register_buffer(f"base{level}", self.base_anchors(level_sizes, ratios, round_base), persistent=False)
         self.num_anchors = [len(s) * len(r) for s, r in zip(sizes, aspect_ratios)]
         self._cache: dict[tuple, list[torch.Tensor]] = {}
 
     @staticmethod
-    def base_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> torch.Tensor:
+    def base_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], round_base: bool = True) -> torch.Tensor:
         """(len(ratios) * len(sizes), 4) anchors centred on (0, 0)."""
         scales = torch.as_tensor(sizes, dtype=torch.float32)
         ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
@@ -50,7 +53,8 @@ class AnchorGenerator(nn.Module):
         w_ratios = 1 / h_ratios
         ws = (w_ratios[:, None] * scales[None, :]).view(-1)
         hs = (h_ratios[:, None] * scales[None, :]).view(-1)
-        return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+        base = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        return base.round() if round_base else base
 
     def forward(self, feature_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int]) -> list[torch.Tensor]:
         """One ``(H_l * W_l * A_l, 4)`` tensor per level for feature maps of ``feature_sizes`` computed from

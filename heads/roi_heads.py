@@ -134,8 +134,9 @@ class RoIHeads(nn.Module):
     Training: the ground-truth boxes join the proposals; proposals are matched (IoU >= ``fg_iou``: the
     ground truth's class; below ``bg_iou``: background; matched to a crowd box: ignored), a balanced
     sample is drawn, and the losses are cross-entropy plus a box loss on the positives' deltas of their
-    class. Inference: softmax scores, class-specific boxes clipped to the image, score threshold, small
-    boxes dropped, per-class NMS, the best ``detections_per_image``.
+    class. Inference: softmax scores, class-specific boxes clipped to the image, score threshold, boxes
+    with a side below ``min_size`` dropped (torchvision: 0.01; detectron2 keeps all: 0), per-class NMS,
+    the best ``detections_per_image``.
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class RoIHeads(nn.Module):
         detections_per_image: int = 100,
         box_loss_type: str = "smooth_l1",
         smooth_l1_beta: float = 1.0 / 9,
+        min_size: float = 1e-2,
     ):
         super().__init__()
         missing = [f for f in in_features if f not in input_shapes]
@@ -170,6 +172,7 @@ class RoIHeads(nn.Module):
         self.box_coder = BoxCoder(box_weights)
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
         self.box_loss_type, self.smooth_l1_beta = box_loss_type, smooth_l1_beta
+        self.min_size = min_size
 
     def forward(
         self,
@@ -249,8 +252,9 @@ class RoIHeads(nn.Module):
             labels = labels.reshape(-1)
             keep = torch.where(image_scores > self.score_thresh)[0]
             image_boxes, image_scores, labels = image_boxes[keep], image_scores[keep], labels[keep]
-            keep = remove_small_boxes(image_boxes, min_size=1e-2)
-            image_boxes, image_scores, labels = image_boxes[keep], image_scores[keep], labels[keep]
+            if self.min_size > 0:
+                keep = remove_small_boxes(image_boxes, min_size=self.min_size)
+                image_boxes, image_scores, labels = image_boxes[keep], image_scores[keep], labels[keep]
             keep = batched_nms(image_boxes, image_scores, labels, self.nms_thresh)[: self.detections_per_image]
             results.append({"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": labels[keep]})
         return results

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from backbones import ShapeSpec
 
@@ -121,6 +121,8 @@ class RPN(nn.Module):
         in_features: levels to read, e.g. ``["p2", ..., "p6"]`` or ``["res4"]``; all of equal channels.
         anchor_sizes / aspect_ratios: per level (one entry is repeated for every level).
         pre_nms_topk / post_nms_topk: ``(train, test)``; the first per level, the second per image.
+        min_size: proposals with a side shorter than this, or empty, are dropped (``1e-3`` is torchvision's
+            rule, ``0`` detectron2's).
         crowd boxes of the targets (``iscrowd``) are ignored: anchors matched to them are neither positive
         nor negative.
     """
@@ -132,6 +134,7 @@ class RPN(nn.Module):
         anchor_sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,)),
         aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),),
         grid_stride: str = "declared",
+        round_anchors: bool = True,
         iou_thresholds: tuple[float, float] = (0.3, 0.7),
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
@@ -157,7 +160,7 @@ class RPN(nn.Module):
             anchor_sizes = list(anchor_sizes) * len(in_features)
         self.in_features = list(in_features)
         self.anchor_generator = AnchorGenerator(
-            anchor_sizes, aspect_ratios, [input_shapes[f].stride for f in in_features], grid_stride
+            anchor_sizes, aspect_ratios, [input_shapes[f].stride for f in in_features], grid_stride, round_anchors
         )
         if len(set(self.anchor_generator.num_anchors)) != 1:
             raise ValueError("every RPN level needs the same number of anchors per location (one shared head)")
@@ -177,26 +180,34 @@ class RPN(nn.Module):
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Proposals ``[(K_i, 4)]`` per image (detached) and, when ``targets`` are given, the losses."""
         maps = [features[f] for f in self.in_features]
-        with torch.no_grad():  # proposals carry no gradient; the losses recompute the head where they read it
-            logits, deltas = self.head(maps)
-        padded_size = (maps[0].shape[-2] * self.anchor_generator.strides[0], maps[0].shape[-1] * self.anchor_generator.strides[0])
-        anchors = self.anchor_generator([tuple(m.shape[-2:]) for m in maps], padded_size)
-        per_level = [a.shape[0] for a in anchors]
-        all_anchors = torch.cat(anchors)  # (A_total, 4)
-        logits, deltas = flatten_levels(logits, deltas)  # (N, A_total), (N, A_total, 4)
-
-        boxes = self.box_coder.decode(deltas, all_anchors.unsqueeze(0)).view(len(image_sizes), -1, 4)
-        proposals = self.select_proposals(boxes, logits, image_sizes, per_level)
+        proposals, _ = self.propose(maps, image_sizes)
         losses: dict[str, torch.Tensor] = {}
         if targets is not None:
-            losses = self.losses(maps, all_anchors, targets)
+            losses = self.losses(maps, self.anchors(maps), targets)
         return proposals, losses
+
+    def anchors(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """The anchors of all levels ``(A_total, 4)``, in ``flatten_levels`` order."""
+        strides = self.anchor_generator.strides
+        padded_size = (maps[0].shape[-2] * strides[0], maps[0].shape[-1] * strides[0])
+        return torch.cat(self.anchor_generator([tuple(m.shape[-2:]) for m in maps], padded_size))
+
+    @torch.no_grad()  # proposals carry no gradient; the losses recompute the head where they read it
+    def propose(self, maps: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image the proposals ``(K, 4)`` and their objectness logits ``(K,)``, best first, from the
+        feature maps of ``in_features``."""
+        logits, deltas = self.head(maps)
+        per_level = [m.shape[-2] * m.shape[-1] * self.anchor_generator.num_anchors[0] for m in maps]
+        logits, deltas = flatten_levels(logits, deltas)  # (N, A_total), (N, A_total, 4)
+        boxes = self.box_coder.decode(deltas, self.anchors(maps).unsqueeze(0)).view(len(image_sizes), -1, 4)
+        return self.select_proposals(boxes, logits, image_sizes, per_level)
 
     def select_proposals(
         self, boxes: torch.Tensor, logits: torch.Tensor, image_sizes: list[tuple[int, int]], per_level: list[int]
-    ) -> list[torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Top-k per level (batched over images), then per image: clip, drop tiny and low-scoring boxes,
-        NMS within each level, keep the best ``post_nms_topk``."""
+        NMS within each level, keep the best ``post_nms_topk``. Returns per image the proposals ``(K, 4)``
+        and their objectness logits ``(K,)``, best first."""
         pre_k = self.pre_nms_topk[0 if self.training else 1]
         post_k = self.post_nms_topk[0 if self.training else 1]
         num_images = boxes.shape[0]
@@ -211,19 +222,22 @@ class RPN(nn.Module):
         index = torch.cat(top_indices, dim=1)
         levels = torch.cat(top_levels)
         batch = torch.arange(num_images, device=boxes.device)[:, None]
-        scores = torch.sigmoid(logits[batch, index])  # (N, K)
+        scores = logits[batch, index]  # (N, K) logits: the same order as probabilities, without ties at 1.0
         boxes = boxes[batch, index]  # (N, K, 4)
 
-        proposals = []
+        proposals, proposal_logits = [], []
         for image_boxes, image_scores, size in zip(boxes, scores, image_sizes):
             image_boxes = clip_boxes_to_image(image_boxes, size)
-            keep = remove_small_boxes(image_boxes, self.min_size)
+            widths, heights = image_boxes[:, 2] - image_boxes[:, 0], image_boxes[:, 3] - image_boxes[:, 1]
+            keep = (widths >= self.min_size) & (heights >= self.min_size) & (widths > 0) & (heights > 0)
+            if self.score_thresh > 0:
+                keep &= torch.sigmoid(image_scores) >= self.score_thresh
+            keep = torch.where(keep)[0]
             image_boxes, image_scores, image_levels = image_boxes[keep], image_scores[keep], levels[keep]
-            keep = torch.where(image_scores >= self.score_thresh)[0]
-            image_boxes, image_scores, image_levels = image_boxes[keep], image_scores[keep], image_levels[keep]
             keep = batched_nms(image_boxes, image_scores, image_levels, self.nms_thresh)[:post_k]
             proposals.append(image_boxes[keep])
-        return proposals
+            proposal_logits.append(image_scores[keep])
+        return proposals, proposal_logits
 
     @torch.no_grad()
     def label_anchors(

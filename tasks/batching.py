@@ -6,13 +6,22 @@ from typing import Sequence
 
 import torch
 
+INPUT_FORMATS = ("RGB", "BGR")
+
 
 def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel_std: torch.Tensor,
-                 size_divisibility: int, channels_last: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Normalize each ``(3, H, W)`` RGB image (``uint8`` 0..255 or float 0..1) with ``pixel_mean`` /
-    ``pixel_std`` (``(3, 1, 1)``, 0..1 units) and zero-pad all, bottom and right, into one
-    ``(N, 3, H, W)`` batch whose sides are multiples of ``size_divisibility`` (0: no constraint), on the
-    device of ``pixel_mean``. Returns the batch and each image's ``(h, w)``."""
+                 size_divisibility: int, channels_last: bool = False, input_format: str = "RGB",
+                 input_range: float = 1.0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Normalize each ``(3, H, W)`` RGB image (``uint8`` 0..255 or float 0..1) and zero-pad all, bottom and
+    right, into one ``(N, 3, H, W)`` batch whose sides are multiples of ``size_divisibility`` (0: no
+    constraint), on the device of ``pixel_mean``. Returns the batch and each image's ``(h, w)``.
+
+    The network's own input convention: pixels scaled to ``0..input_range`` (1: torchvision's, 255:
+    detectron2's and Caffe2's), channels in ``input_format`` order (``RGB``, or ``BGR`` for networks
+    trained on OpenCV-decoded images, such as MSRA's original ResNets), then ``(x - pixel_mean) /
+    pixel_std`` with ``pixel_mean``/``pixel_std`` (``(3, 1, 1)``) in those units and that order."""
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
     sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
     divisor = max(size_divisibility, 1)
     height = -(-max(h for h, _ in sizes) // divisor) * divisor
@@ -20,7 +29,12 @@ def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel
     batch = torch.zeros((len(images), 3, height, width), device=pixel_mean.device)
     for i, img in enumerate(images):
         img = img.to(pixel_mean.device, non_blocking=True)
-        img = img.float() / 255 if img.dtype == torch.uint8 else img.float()
+        if img.dtype == torch.uint8:  # 0..255 as it is where the network wants that (no rounding on the way)
+            img = img.float() if input_range == 255 else img.float() / 255 * input_range
+        else:
+            img = img.float() * input_range
+        if input_format == "BGR":
+            img = img.flip(0)
         batch[i, :, : img.shape[-2], : img.shape[-1]] = (img - pixel_mean) / pixel_std
     if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from backbones.errors import UserError, UserFileNotFoundError
+from backbones.weights import is_weights_name
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -203,13 +204,16 @@ def resolve_path(root: str | Path, path: str | Path) -> Path:
 
 def load_run(source: str | Path, weights: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, Path | None, Path]:
     """A run folder (its ``config.yaml`` and ``model.safetensors``) or a config file with ``weights``:
-    returns the config, the run folder (or None) and the weights file (checked to exist)."""
+    returns the config, the run folder (or None) and the weights file (checked to exist) or name (such as
+    ``detectron2:COCO-Detection/faster_rcnn_R_101_C4_3x``)."""
     source = Path(source)
     run_dir = source if source.is_dir() else None
     if run_dir is not None and not (run_dir / "config.yaml").is_file():
         raise UserFileNotFoundError(f"{run_dir} is a folder without config.yaml: give a run folder or a config file")
     config = load_config(run_dir / "config.yaml" if run_dir else source, overrides)
     if weights:
+        if is_weights_name(weights):  # e.g. detectron2:COCO-Detection/faster_rcnn_R_101_C4_3x, fetched by the loader
+            return config, run_dir, str(weights)
         weights = Path(weights)
         if not weights.is_file():
             raise UserFileNotFoundError(f"weights file not found: {weights}")

@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", nargs="?", help="a run folder or a config file")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    parser.add_argument("--weights", help="checkpoint file (with a config file)")
+    parser.add_argument("--weights", help="checkpoint file (with a config file): this project's, torchvision's or "
+                                          "detectron2's .pkl, or a name such as detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x")
     parser.add_argument("--output-dir", help="where metrics.json and coco_results.json go")
     parser.add_argument("--annotations", help="COCO annotation file (with --results)")
     parser.add_argument("--results", help="COCO results file to evaluate")

@@ -1,6 +1,6 @@
 """Run a model on images and draw its predictions.
 
-    python tools/infer.py CONFIG_OR_RUN_DIR [--weights FILE] --input IMAGE_OR_FOLDER --output DIR [key=value ...]
+    python tools/infer.py CONFIG_OR_RUN_DIR [--weights FILE_OR_NAME] --input IMAGE_OR_FOLDER --output DIR [key=value ...]
 
 Detection writes ``DIR/<image stem>.png`` (boxes, class names, scores) and ``DIR/predictions.json``: a
 list of ``{"file_name", "image_id", "category_id", "bbox": [x, y, w, h], "score"}`` in the original
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from tasks.detection.inference import (
     to_coco_results,
 )
 
+logger = logging.getLogger("infer")
+
 
 def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[int, int], dict[int, str]]:
     """label -> COCO category id, and label -> name, for the config's label map. With ``coco_id`` every
@@ -44,12 +47,17 @@ def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[in
         categories = [{"id": i, "name": n} for i, n in COCO_CATEGORIES.items()]
     else:
         annotations = resolve_path(config.data.root, config.data.val.annotations)
-        if not annotations.is_file():
+        if not annotations.is_file() and num_classes == len(COCO_CATEGORIES):
+            # an 80-class model without its dataset at hand (a model-zoo download, say): COCO's categories
+            logger.info("labels 1..80 named as COCO's categories (%s not found)", annotations)
+            categories = [{"id": i, "name": n} for i, n in COCO_CATEGORIES.items()]
+        elif not annotations.is_file():
             raise UserFileNotFoundError(
                 f"the config maps labels to categories by data.label_map=contiguous, which needs the category list "
                 f"of {annotations} (data.root, data.val.annotations) or a run folder's categories.json"
             )
-        categories = load_coco(annotations).dataset["categories"]
+        else:
+            categories = load_coco(annotations).dataset["categories"]
     categories = sorted(categories, key=lambda c: c["id"])
     if config.data.label_map == "contiguous" and len(categories) != num_classes:
         raise UserError(f"the model has {num_classes} classes but its category list has {len(categories)}: give the "
@@ -99,7 +107,9 @@ def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a config file, or a run folder holding config.yaml and model.safetensors")
-    parser.add_argument("--weights", help="checkpoint file (this project's or torchvision's); default: the run's")
+    parser.add_argument("--weights", help="checkpoint file (this project's, torchvision's or detectron2's .pkl) or a "
+                                          "name such as detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x; "
+                                          "default: the run's")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="folder for the drawings and predictions.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,15 +1,28 @@
-"""Load detector weights: this project's own checkpoints or torchvision's Faster R-CNN checkpoints."""
+"""Load detector weights: this project's own checkpoints, torchvision's and detectron2's Faster R-CNNs.
+
+Each foreign format is a key mapping (plus, for detectron2, the few tensors laid out differently: the
+background class, the RPN's anchor order), then one strict load: every tensor placed, every shape checked.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import torch
 
-from backbones.weights import map_torchvision_resnet_key, read_checkpoint, remap_keys, strict_load
+from backbones.errors import UserError
+from backbones.weights import (
+    fetch_named_weights, is_weights_name, map_detectron2_resnet_key, map_torchvision_resnet_key, read_checkpoint,
+    remap_keys, strict_load,
+)
 
 from .model import FasterRCNN
+
+logger = logging.getLogger(__name__)
+
+PREDICTOR_KEYS = tuple(f"roi_heads.predictor.{layer}.{p}" for layer in ("cls_score", "bbox_pred") for p in ("weight", "bias"))
 
 
 def _map_torchvision_detection_key(key: str) -> str | None:
@@ -37,23 +50,109 @@ def _map_torchvision_detection_key(key: str) -> str | None:
     return None
 
 
+def _map_detectron2_detection_key(key: str) -> str | None:
+    """detectron2 ``GeneralizedRCNN`` key (FPN, C4 or DC5 Faster R-CNN) -> this project's key."""
+    if key.startswith("backbone.bottom_up."):  # FPN: the ResNet under the FPN
+        mapped = map_detectron2_resnet_key(key[len("backbone.bottom_up."):])
+        return f"backbone.bottom_up.{mapped}" if mapped else None
+    if m := re.match(r"^backbone\.fpn_(lateral|output)([2-5])\.(weight|bias)$", key):
+        return f"backbone.{m[1]}_convs.{int(m[2]) - 2}.{m[3]}"
+    if key.startswith("backbone."):  # C4, DC5: the ResNet itself
+        mapped = map_detectron2_resnet_key(key[len("backbone."):])
+        return f"backbone.{mapped}" if mapped else None
+    if key.startswith("roi_heads.res5."):  # C4: res5 is the box head
+        mapped = map_detectron2_resnet_key(key[len("roi_heads."):])
+        return f"roi_heads.box_head.{mapped}" if mapped else None
+    rules = [
+        (r"^proposal_generator\.rpn_head\.conv\.(weight|bias)$", r"rpn.head.conv.\1"),
+        (r"^proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)$", r"rpn.head.objectness.\1"),
+        (r"^proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)$", r"rpn.head.deltas.\1"),
+        (r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", r"roi_heads.predictor.\1.\2"),
+    ]
+    for pattern, replacement in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key)
+    if m := re.match(r"^roi_heads\.box_head\.fc(\d+)\.(weight|bias)$", key):
+        return f"roi_heads.box_head.fcs.{int(m[1]) - 1}.{m[2]}"
+    return None
+
+
+def _from_detectron2_layout(model: FasterRCNN, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors detectron2 lays out differently, in this project's layout (``state`` in our names):
+
+    - its class scores put the background last (ours: first), and its class-specific box deltas have no
+      background slot (ours: four unused rows first, zero here);
+    - its RPN orders a location's anchors size-major (for each size, each aspect ratio), ours ratio-major:
+      the objectness and delta outputs are permuted to match (one anchor size per level, as with FPN,
+      makes that the identity).
+    """
+    state = dict(state)
+    for key in ("roi_heads.predictor.cls_score.weight", "roi_heads.predictor.cls_score.bias"):
+        if key in state:
+            state[key] = torch.cat([state[key][-1:], state[key][:-1]])
+    for key in ("roi_heads.predictor.bbox_pred.weight", "roi_heads.predictor.bbox_pred.bias"):
+        if key in state:
+            state[key] = torch.cat([state[key].new_zeros((4, *state[key].shape[1:])), state[key]])
+    generator = model.rpn.anchor_generator
+    sizes, ratios = len(generator.sizes[0]), len(generator.aspect_ratios[0])
+    order = torch.tensor([s * ratios + r for r in range(ratios) for s in range(sizes)])  # ours[i] = theirs[order[i]]
+    for key in ("rpn.head.objectness.weight", "rpn.head.objectness.bias"):
+        if key in state and state[key].shape[0] == len(order):
+            state[key] = state[key][order]
+    for key in ("rpn.head.deltas.weight", "rpn.head.deltas.bias"):
+        if key in state and state[key].shape[0] == 4 * len(order):
+            state[key] = state[key].view(len(order), 4, *state[key].shape[1:])[order].flatten(0, 1)
+    return state
+
+
+def _check_detectron2_normalization(model: FasterRCNN, state: dict[str, torch.Tensor], source: str) -> None:
+    """Older detectron2 checkpoints store the input normalization; it must be the config's."""
+    for name in ("pixel_mean", "pixel_std"):
+        if name in state:
+            theirs, ours = state.pop(name).flatten().float(), getattr(model, name).flatten().cpu()
+            if theirs.shape != ours.shape or not torch.allclose(theirs, ours, atol=1e-3):
+                raise UserError(f"weights {source} were trained with {name} {theirs.tolist()}, the config has "
+                                f"model.{name} {ours.tolist()}: set model.{name} (and input_format/input_range) "
+                                "to the checkpoint's")
+
+
 def detect_detector_format(state: dict[str, torch.Tensor]) -> str:
+    """``torchvision-detection``, ``detectron2-detection`` or ``native``."""
     if any(k.startswith("backbone.body.") for k in state) and any(k.startswith("roi_heads.box_predictor.") for k in state):
         return "torchvision-detection"
+    if any(k.startswith("proposal_generator.") for k in state) and any(k.startswith("roi_heads.box_predictor.") for k in state):
+        return "detectron2-detection"
     return "native"
 
 
-def load_detector_weights(model: FasterRCNN, path: str | Path) -> str:
-    """Load a checkpoint file into ``model`` strictly; returns the detected format.
+def load_detector_weights(model: FasterRCNN, source: str | Path, new_classes: bool = False) -> str:
+    """Load a checkpoint into ``model`` strictly; returns the detected format.
 
-    Accepts this project's checkpoints (``model.safetensors`` of a run, or a state dict) and torchvision's
-    ``fasterrcnn_resnet50_fpn`` checkpoints (e.g. ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``).
+    ``source`` is a file or a weights name. Accepted: this project's checkpoints (``model.safetensors`` of
+    a run, or a state dict), torchvision's ``fasterrcnn_resnet50_fpn`` checkpoints, and detectron2's
+    model-zoo files (``.pkl``, read without running code; or ``detectron2:COCO-Detection/<name>``, fetched
+    and cached). ``new_classes=True`` (fine-tuning on another class count) leaves the class and box
+    predictors initialised where their shapes differ from the checkpoint's, and logs them; everything
+    else still loads strictly.
     """
-    state = read_checkpoint(path)
+    source = str(source)
+    state = fetch_named_weights(source) if is_weights_name(source) else read_checkpoint(source)
     fmt = detect_detector_format(state)
     unexpected: list[str] = []
     if fmt == "torchvision-detection":
         state, unexpected = remap_keys(state, _map_torchvision_detection_key)
-    hint = "is model.num_classes right? torchvision's COCO detectors have 90 classes + background"
-    strict_load(model, state, str(path), fmt, unexpected, hint)
+    elif fmt == "detectron2-detection":
+        _check_detectron2_normalization(model, state, source)
+        state, unexpected = remap_keys(state, _map_detectron2_detection_key)
+        state = _from_detectron2_layout(model, state)
+    if new_classes:
+        own = model.state_dict()
+        kept = [k for k in PREDICTOR_KEYS if k in state and state[k].shape != own[k].shape]
+        for key in kept:
+            logger.info("left initialised: %s (checkpoint %s, model %s)", key, tuple(state[key].shape), tuple(own[key].shape))
+            state[key] = own[key]
+    hints = {"torchvision-detection": "is model.num_classes right? torchvision's COCO detectors have 90 classes + background",
+             "detectron2-detection": "is model.num_classes right (detectron2's COCO detectors have 80)? To fine-tune "
+                                     "on other classes, start training from these weights with model.weights"}
+    strict_load(model, state, source, fmt, unexpected, hints.get(fmt, "is model.num_classes right?"))
     return fmt

@@ -12,7 +12,7 @@ from backbones.errors import UserError
 from heads import FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler, RPN
 
 from ..assembly import layout_backbone, merged, resolve_layout_backbone
-from ..batching import batch_images
+from ..batching import INPUT_FORMATS, batch_images
 
 LAYOUTS = ("fpn", "c4", "dc5")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,7 +24,9 @@ class FasterRCNN(nn.Module):
 
     ``forward(images, targets=None, original_sizes=None)``:
     - ``images``: a list of ``(3, H, W)`` RGB tensors, ``uint8`` in 0..255 or float in 0..1 (sizes may
-      differ; the batch is padded to the backbone's ``size_divisibility`` after normalization);
+      differ; the batch is padded to the backbone's ``size_divisibility`` after normalization). The
+      network's own convention (``input_format``, ``input_range``: BGR in 0..255 for detectron2's and
+      MSRA's weights) is applied inside, with ``pixel_mean``/``pixel_std`` in its units;
     - training (``model.train()``): ``targets`` (per image ``boxes`` (G, 4) x1y1x2y2 in input pixels,
       ``labels`` (G,) in 1..num_classes, optional ``iscrowd`` (G,)) are required; returns named losses;
     - evaluation: returns per image ``{"boxes", "scores", "labels"}``; boxes are rescaled to
@@ -39,10 +41,13 @@ class FasterRCNN(nn.Module):
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
         pixel_std: Sequence[float] = IMAGENET_STD,
         channels_last: bool = False,
+        input_format: str = "RGB",
+        input_range: float = 1.0,
     ):
         super().__init__()
         self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
         self.channels_last = channels_last
+        self.input_format, self.input_range = input_format, input_range
         if channels_last:  # NHWC convolutions: much faster with oneDNN on the CPU and with cuDNN on tensor cores
             self.to(memory_format=torch.channels_last)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
@@ -54,7 +59,8 @@ class FasterRCNN(nn.Module):
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Normalize each image, then pad all to one ``(N, 3, H, W)`` batch (zeros, bottom and right)."""
-        return batch_images(images, self.pixel_mean, self.pixel_std, self.backbone.size_divisibility, self.channels_last)
+        return batch_images(images, self.pixel_mean, self.pixel_std, self.backbone.size_divisibility,
+                            self.channels_last, self.input_format, self.input_range)
 
     def forward(
         self,
@@ -83,15 +89,20 @@ class FasterRCNN(nn.Module):
 
 # Defaults per layout, merged under what a config gives. Values follow torchvision's and detectron2's
 # Faster R-CNN recipes.
-_FPN_ANCHORS = {"sizes": [[32], [64], [128], [256], [512]], "aspect_ratios": [[0.5, 1.0, 2.0]], "grid_stride": "declared"}
-_C4_ANCHORS = {"sizes": [[32, 64, 128, 256, 512]], "aspect_ratios": [[0.5, 1.0, 2.0]], "grid_stride": "declared"}
+_FPN_ANCHORS = {"sizes": [[32], [64], [128], [256], [512]], "aspect_ratios": [[0.5, 1.0, 2.0]], "grid_stride": "declared",
+                "round": True}
+_C4_ANCHORS = {"sizes": [[32, 64, 128, 256, 512]], "aspect_ratios": [[0.5, 1.0, 2.0]], "grid_stride": "declared",
+               "round": True}
 # what model.anchors and model.roi_heads.pooler_resolution default to, per layout
 LAYOUT_ANCHORS = {"fpn": _FPN_ANCHORS, "c4": _C4_ANCHORS, "dc5": _C4_ANCHORS}
 POOLER_RESOLUTION = {"fpn": 7, "c4": 14, "dc5": 7}
 DEFAULTS: dict[str, Any] = {
     "layout": "fpn",
     "num_classes": 80,
-    "pixel_mean": list(IMAGENET_MEAN),
+    "weights": None,  # a whole detector to start training from (fine-tuning); see load_detector_weights
+    "input_format": "RGB",  # channel order the network takes: RGB, or BGR (detectron2's, MSRA's weights)
+    "input_range": 1.0,  # pixels scaled to 0..input_range before pixel_mean/pixel_std: 1.0, or 255.0
+    "pixel_mean": list(IMAGENET_MEAN),  # in input_range units and input_format order
     "pixel_std": list(IMAGENET_STD),
     "channels_last": True,  # NHWC memory format for the convolutions (a speed option; see BENCHMARKS.md)
     "backbone": {"name": "resnet", "depth": 50, "stride_in_1x1": False, "norm": "FrozenBN", "freeze_at": 2,
@@ -127,6 +138,7 @@ DEFAULTS: dict[str, Any] = {
         "detections_per_image": 100,
         "box_loss_type": "smooth_l1",
         "smooth_l1_beta": 1.0 / 9,
+        "min_size": 1e-2,  # detections with a smaller side are dropped (torchvision); 0 keeps all (detectron2)
     },
 }
 
@@ -140,6 +152,10 @@ def resolve_detector_config(config: Mapping[str, Any]) -> dict[str, Any]:
     layout = top["layout"]
     if layout not in LAYOUTS:
         raise UserError(f"model.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if top["input_format"] not in INPUT_FORMATS:
+        raise UserError(f"model.input_format must be one of {', '.join(INPUT_FORMATS)}, got {top['input_format']!r}")
+    if top["input_range"] not in (1, 255):
+        raise UserError(f"model.input_range must be 1.0 (pixels in 0..1) or 255.0 (0..255), got {top['input_range']!r}")
     top["backbone"] = resolve_layout_backbone(top["backbone"], layout, tuple(_decided_backbone_keys(layout)))
     for section in ("rpn", "roi_heads", "fpn"):
         top[section] = merged(DEFAULTS[section], config.get(section), f"model.{section}")
@@ -161,11 +177,16 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
     7x7 over p2..p5; two fc layers), ``c4`` (the paper's: RPN and RoIAlign 14x14 on res4, res5 as the box
     head) or ``dc5`` (res5 dilated to stride 16 feeds RPN and a 7x7 RoIAlign; two fc layers). The
     backbone's ``out_features`` (and, for dc5, ``output_stride``) follow from the layout.
-    ``init_weights=False`` skips the backbone's initialisation weights (for a full checkpoint loaded next).
+    ``weights`` (a file or a name such as ``detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x``) starts
+    the whole detector from a trained one instead of the backbone's ``weights``: everything loads
+    strictly except the class and box predictors where the class count differs (fine-tuning).
+    ``init_weights=False`` skips all initialisation weights (for a full checkpoint loaded next).
     """
     top = resolve_detector_config(config)
     layout = top["layout"]
-    backbone = layout_backbone(top["backbone"], layout, init_weights=init_weights, **_decided_backbone_keys(layout))
+    whole = init_weights and top["weights"]  # a whole detector replaces the backbone's initialisation
+    backbone = layout_backbone(top["backbone"], layout, init_weights=init_weights and not whole,
+                               **_decided_backbone_keys(layout))
 
     rpn_cfg, roi_cfg, anchors = top["rpn"], dict(top["roi_heads"]), top["anchors"]
     pooler_resolution = roi_cfg.pop("pooler_resolution")
@@ -197,6 +218,7 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
         anchor_sizes=anchors["sizes"],
         aspect_ratios=anchors["aspect_ratios"],
         grid_stride=anchors["grid_stride"],
+        round_anchors=anchors["round"],
         **{k: tuple(v) if isinstance(v, list) else v for k, v in rpn_cfg.items()},
     )
     pooler = RoIPooler([shapes[f].stride for f in roi_features], pooler_resolution, **pooler_kwargs)
@@ -208,4 +230,10 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
         top["num_classes"],
         **{k: tuple(v) if isinstance(v, list) else v for k, v in roi_cfg.items()},
     )
-    return FasterRCNN(backbone, rpn, roi_heads, top["pixel_mean"], top["pixel_std"], top["channels_last"])
+    model = FasterRCNN(backbone, rpn, roi_heads, top["pixel_mean"], top["pixel_std"], top["channels_last"],
+                       top["input_format"], float(top["input_range"]))
+    if whole:
+        from .checkpoint import load_detector_weights  # the loaders know the model, not the other way round
+
+        load_detector_weights(model, top["weights"], new_classes=True)
+    return model
