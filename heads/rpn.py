@@ -222,21 +222,19 @@ class RPN(nn.Module):
         index = torch.cat(top_indices, dim=1)
         levels = torch.cat(top_levels)
         batch = torch.arange(num_images, device=boxes.device)[:, None]
-        scores = logits[batch, index]  # (N, K) logits: the same order as probabilities, without ties at 1.0
+        top_logits = logits[batch, index]  # (N, K)
         boxes = boxes[batch, index]  # (N, K, 4)
 
         proposals, proposal_logits = [], []
-        for image_boxes, image_scores, size in zip(boxes, scores, image_sizes):
+        for image_boxes, image_logits, size in zip(boxes, top_logits, image_sizes):
             image_boxes = clip_boxes_to_image(image_boxes, size)
+            image_scores = torch.sigmoid(image_logits)  # NMS ranks by probability, as torchvision does
             widths, heights = image_boxes[:, 2] - image_boxes[:, 0], image_boxes[:, 3] - image_boxes[:, 1]
             keep = (widths >= self.min_size) & (heights >= self.min_size) & (widths > 0) & (heights > 0)
-            if self.score_thresh > 0:
-                keep &= torch.sigmoid(image_scores) >= self.score_thresh
-            keep = torch.where(keep)[0]
-            image_boxes, image_scores, image_levels = image_boxes[keep], image_scores[keep], levels[keep]
-            keep = batched_nms(image_boxes, image_scores, image_levels, self.nms_thresh)[:post_k]
+            keep = torch.where(keep & (image_scores >= self.score_thresh))[0]
+            keep = keep[batched_nms(image_boxes[keep], image_scores[keep], levels[keep], self.nms_thresh)[:post_k]]
             proposals.append(image_boxes[keep])
-            proposal_logits.append(image_scores[keep])
+            proposal_logits.append(image_logits[keep])
         return proposals, proposal_logits
 
     @torch.no_grad()
