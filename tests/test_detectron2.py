@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from PIL import Image
 
 from backbones import ResNet, load_pretrained
 from backbones.errors import UserError
-from backbones.weights import detectron2_cache_path, detectron2_url, map_caffe2_resnet_key
+from backbones.weights import detectron2_cache_path, detectron2_url, fetch_named_weights, map_caffe2_resnet_key
 from tasks.config import load_config
 from tasks.detection.checkpoint import load_detector_weights
 from tasks.detection.model import build_detector
@@ -250,28 +248,26 @@ def test_dilate_first_block():
     assert d2.res5[1].conv2.dilation == tv.res5[1].conv2.dilation == (2, 2)
 
 
-def test_named_zoo_weights_offline_say_where_to_put_the_file(tmp_path):
-    """``detectron2:COCO-Detection/<name>`` resolves to the zoo's address; offline, the one-line error
-    names it and the cache path."""
+def test_named_zoo_weights_offline_say_where_to_put_the_file(tmp_path, monkeypatch):
+    """``detectron2:COCO-Detection/<name>`` resolves to the zoo's address; with the network blocked, the
+    one-line error names it and the cache path to put the file at, and leaves no partial file."""
+    import socket
+
     url = detectron2_url("COCO-Detection/faster_rcnn_R_101_C4_3x")
     assert url == ("https://dl.fbaipublicfiles.com/detectron2/COCO-Detection/faster_rcnn_R_101_C4_3x/138204752/"
                    "model_final_298dad.pkl")
-    code = (
-        "import socket\n"
-        "def _blocked(*a, **k):\n    raise OSError('network access blocked by the test')\n"
-        "socket.socket.connect = _blocked\nsocket.create_connection = _blocked\n"
-        "from backbones.weights import fetch_named_weights\n"
-        "try:\n    fetch_named_weights('detectron2:COCO-Detection/faster_rcnn_R_101_C4_3x')\n"
-        "except Exception as e:\n    print(type(e).__name__, e)\n"
-    )
-    import os
 
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
-    assert "UserError" in result.stdout and url in result.stdout, result.stdout + result.stderr
+    def blocked(*args, **kwargs):
+        raise OSError("network access blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", blocked)
+    monkeypatch.setattr(socket, "create_connection", blocked)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
     cache = tmp_path / "torch" / "hub" / "checkpoints" / "detectron2" / "COCO-Detection" / "faster_rcnn_R_101_C4_3x"
-    assert str(cache / "138204752" / "model_final_298dad.pkl") in result.stdout
-    assert not list(cache.rglob("*.partial"))
+    with pytest.raises(UserError) as error:
+        fetch_named_weights("detectron2:COCO-Detection/faster_rcnn_R_101_C4_3x")
+    assert url in str(error.value) and str(cache / "138204752" / "model_final_298dad.pkl") in str(error.value)
+    assert "\n" not in str(error.value) and not list(cache.rglob("*.partial"))
     with pytest.raises(UserError, match="unknown detectron2 weights"):
         detectron2_cache_path("COCO-Detection/faster_rcnn_R_18_C4_1x")
 
