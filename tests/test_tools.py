@@ -106,7 +106,7 @@ def test_error_output_of_a_real_process_and_debug(tmp_path):
     assert plain.stderr.strip().splitlines() == [
         "error: unknown key model.backbone.depht; did you mean 'model.backbone.depth'? (valid keys: depth, "
         "out_features, stride_in_1x1, shortcut, residual, preact, norm, freeze_at, zero_init_residual, "
-        "output_stride, family, in_channels, fold_frozen_bn)"]
+        "output_stride, family, in_channels, fold_frozen_bn, dilate_first_block, width_per_group, res2_out_channels)"]
     debug = cli("tools/train.py", QUICKSTART, "model.backbone.depht=50", "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
 
