@@ -49,37 +49,47 @@ class LoadReport:
         )
 
 
+def map_by_rules(key: str, rules: list[tuple[str, str | Callable[[re.Match], str]]]) -> str | None:
+    """``key`` renamed by the first rule whose pattern matches it (``re.sub`` with the rule's replacement,
+    a template or a function of the match); None when no rule matches."""
+    for pattern, replacement in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
+def _stage(m: re.Match) -> str:
+    """torchvision's ``layer<k>`` is this project's ``res<k+1>``."""
+    return f"res{int(m[1]) + 1}.{m[2]}"
+
+
+_TORCHVISION_RESNET_RULES = [
+    (r"^conv1\.(.*)$", r"stem.conv.\1"),
+    (r"^bn1\.(.*)$", r"stem.norm.\1"),
+    (r"^layer(\d)\.(\d+)\.conv(\d)\.(.*)$", lambda m: f"{_stage(m)}.conv{m[3]}.{m[4]}"),
+    (r"^layer(\d)\.(\d+)\.bn(\d)\.(.*)$", lambda m: f"{_stage(m)}.norm{m[3]}.{m[4]}"),
+    (r"^layer(\d)\.(\d+)\.downsample\.0\.(.*)$", lambda m: f"{_stage(m)}.shortcut.conv.{m[3]}"),
+    (r"^layer(\d)\.(\d+)\.downsample\.1\.(.*)$", lambda m: f"{_stage(m)}.shortcut.norm.{m[3]}"),
+]
+_DETECTRON2_RESNET_RULES = [
+    (r"^stem\.conv1\.(weight|bias)$", r"stem.conv.\1"),
+    (r"^stem\.conv1\.norm\.(.*)$", r"stem.norm.\1"),
+    (r"^(res[2-5]\.\d+)\.conv(\d)\.(weight|bias)$", r"\1.conv\2.\3"),
+    (r"^(res[2-5]\.\d+)\.conv(\d)\.norm\.(.*)$", r"\1.norm\2.\3"),
+    (r"^(res[2-5]\.\d+)\.shortcut\.(weight|bias)$", r"\1.shortcut.conv.\2"),
+    (r"^(res[2-5]\.\d+)\.shortcut\.norm\.(.*)$", r"\1.shortcut.norm.\2"),
+]
+
+
 def map_torchvision_resnet_key(key: str) -> str | None:
     """torchvision/timm ResNet key -> this project's ResNet key (None: not a ResNet backbone key)."""
-    if m := re.match(r"^conv1\.(.*)$", key):
-        return f"stem.conv.{m[1]}"
-    if m := re.match(r"^bn1\.(.*)$", key):
-        return f"stem.norm.{m[1]}"
-    if m := re.match(r"^layer(\d)\.(\d+)\.conv(\d)\.(.*)$", key):
-        return f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.{m[4]}"
-    if m := re.match(r"^layer(\d)\.(\d+)\.bn(\d)\.(.*)$", key):
-        return f"res{int(m[1]) + 1}.{m[2]}.norm{m[3]}.{m[4]}"
-    if m := re.match(r"^layer(\d)\.(\d+)\.downsample\.([01])\.(.*)$", key):
-        return f"res{int(m[1]) + 1}.{m[2]}.shortcut.{'conv' if m[3] == '0' else 'norm'}.{m[4]}"
-    return None
+    return map_by_rules(key, _TORCHVISION_RESNET_RULES)
 
 
 def map_detectron2_resnet_key(key: str) -> str | None:
     """detectron2 ResNet key (``stem.conv1.weight``, ``res2.0.conv1.norm.weight``, ``res2.0.shortcut.weight``)
     -> this project's ResNet key (None: not a ResNet backbone key)."""
-    if m := re.match(r"^stem\.conv1\.(weight|bias)$", key):
-        return f"stem.conv.{m[1]}"
-    if m := re.match(r"^stem\.conv1\.norm\.(.*)$", key):
-        return f"stem.norm.{m[1]}"
-    if m := re.match(r"^(res[2-5]\.\d+)\.conv(\d)\.(weight|bias)$", key):
-        return f"{m[1]}.conv{m[2]}.{m[3]}"
-    if m := re.match(r"^(res[2-5]\.\d+)\.conv(\d)\.norm\.(.*)$", key):
-        return f"{m[1]}.norm{m[2]}.{m[3]}"
-    if m := re.match(r"^(res[2-5]\.\d+)\.shortcut\.(weight|bias)$", key):
-        return f"{m[1]}.shortcut.conv.{m[2]}"
-    if m := re.match(r"^(res[2-5]\.\d+)\.shortcut\.norm\.(.*)$", key):
-        return f"{m[1]}.shortcut.norm.{m[2]}"
-    return None
+    return map_by_rules(key, _DETECTRON2_RESNET_RULES)
 
 
 # Caffe2 blob suffixes of MSRA's ResNets: a conv's weight, and the affine (scale, bias) each BatchNorm was

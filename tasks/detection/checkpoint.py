@@ -14,8 +14,8 @@ import torch
 
 from backbones.errors import UserError
 from backbones.weights import (
-    fetch_named_weights, is_weights_name, map_detectron2_resnet_key, map_torchvision_resnet_key, read_checkpoint,
-    remap_keys, strict_load,
+    fetch_named_weights, is_weights_name, map_by_rules, map_detectron2_resnet_key, map_torchvision_resnet_key,
+    read_checkpoint, remap_keys, strict_load,
 )
 
 from .model import FasterRCNN
@@ -44,10 +44,7 @@ def _map_torchvision_detection_key(key: str) -> str | None:
         (r"^roi_heads\.box_head\.fc7\.(weight|bias)$", r"roi_heads.box_head.fcs.1.\1"),
         (r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", r"roi_heads.predictor.\1.\2"),
     ]
-    for pattern, replacement in rules:
-        if re.match(pattern, key):
-            return re.sub(pattern, replacement, key)
-    return None
+    return map_by_rules(key, rules)
 
 
 def _map_detectron2_detection_key(key: str) -> str | None:
@@ -63,18 +60,13 @@ def _map_detectron2_detection_key(key: str) -> str | None:
     if key.startswith("roi_heads.res5."):  # C4: res5 is the box head
         mapped = map_detectron2_resnet_key(key[len("roi_heads."):])
         return f"roi_heads.box_head.{mapped}" if mapped else None
-    rules = [
+    return map_by_rules(key, [
         (r"^proposal_generator\.rpn_head\.conv\.(weight|bias)$", r"rpn.head.conv.\1"),
         (r"^proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)$", r"rpn.head.objectness.\1"),
         (r"^proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)$", r"rpn.head.deltas.\1"),
         (r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", r"roi_heads.predictor.\1.\2"),
-    ]
-    for pattern, replacement in rules:
-        if re.match(pattern, key):
-            return re.sub(pattern, replacement, key)
-    if m := re.match(r"^roi_heads\.box_head\.fc(\d+)\.(weight|bias)$", key):
-        return f"roi_heads.box_head.fcs.{int(m[1]) - 1}.{m[2]}"
-    return None
+        (r"^roi_heads\.box_head\.fc(\d+)\.(weight|bias)$", lambda m: f"roi_heads.box_head.fcs.{int(m[1]) - 1}.{m[2]}"),
+    ])
 
 
 def _from_detectron2_layout(model: FasterRCNN, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
