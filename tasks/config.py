@@ -94,6 +94,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 1  # images per process
+    backend: str = "pycocotools"  # COCO metrics: "pycocotools" (the reference) or "faster_coco_eval" (same numbers, faster)
     num_visualize: int = 4  # validation images drawn into <output_dir>/visualizations
     visualize_score_thresh: float = 0.5
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from backbones.errors import UserError, UserFileNotFoundError
 
-from .config import Config, TrainConfig, to_yaml
+from .config import Config, EvalConfig, TrainConfig, to_yaml
 from .tasks import prepare_config
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Task(Protocol):
     def collate(self, batch: list) -> tuple[list, list]: ...
     def loss_inputs(self, batch: tuple[list, list]) -> tuple[list, list]: ...
     def evaluate(self, model: nn.Module, dataset: Dataset, accelerator: Accelerator, output_dir: Path,
-                 batch_size: int) -> dict[str, float]: ...
+                 settings: EvalConfig) -> dict[str, float]: ...
     def visualize(self, model: nn.Module, dataset: Dataset, output_dir: Path, config: Config) -> None: ...
     def metadata(self, dataset: Dataset) -> dict[str, Any]: ...
 
@@ -433,7 +433,7 @@ class _Resumed:
 def _evaluate(task: Task, model: nn.Module, dataset: Dataset, accelerator: Accelerator, output_dir: Path,
               iteration: int, config: Config) -> dict[str, float]:
     model.eval()
-    metrics = task.evaluate(accelerator.unwrap_model(model), dataset, accelerator, output_dir, config.eval.batch_size)
+    metrics = task.evaluate(accelerator.unwrap_model(model), dataset, accelerator, output_dir, config.eval)
     model.train()
     if accelerator.is_main_process:
         with open(output_dir / "metrics.jsonl", "a") as f:

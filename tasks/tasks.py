@@ -9,6 +9,7 @@ import torch
 
 from backbones.errors import UserError
 
+from .coco_eval import BACKENDS
 from .config import Config, ConfigError
 
 TASKS = ("detection", "segmentation")
@@ -32,6 +33,7 @@ _CHOICES = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "data.label_map": ("contiguous", "coco_id"),
     "data.class_set": ("voc20", "coco80", "all"),
+    "eval.backend": BACKENDS,
 }
 _AT_LEAST = {"train.max_iters": 1, "train.batch_size": 1, "train.grad_accum_steps": 1, "train.log_period": 1,
              "train.keep_checkpoints": 1, "train.checkpoint_period": 0, "train.eval_period": 0,

@@ -62,3 +62,13 @@ def test_state_bytes_counts_parameters_gradients_and_optimizer_state():
     model(torch.randn(2, 10)).sum().backward()
     runner.optimizer.step()  # SGD with momentum: one buffer per parameter
     assert runner.state_bytes() == 3 * 44 * 4 + 3 * 8
+
+
+def test_eval_mode_times_both_backends_on_the_same_numbers(tmp_path):
+    """--mode eval: a synthetic COCO-like set evaluated by pycocotools and faster-coco-eval side by side."""
+    out = tmp_path / "eval.json"
+    assert main(["--mode", "eval", "--images", "60", "--per-image", "20", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["images"] == 60 and results["results"] == 60 * 20 and results["same_numbers"]
+    assert set(results["seconds"]) == {"pycocotools", "faster_coco_eval"} and results["time_ratio"] > 0
+    assert 0.05 < results["AP"] < 0.9  # found objects, false positives and misses: neither 0 nor perfect

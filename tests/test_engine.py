@@ -132,3 +132,22 @@ def test_bad_input_names_the_problem(shapes, tmp_path):
     from tools.train import main
 
     assert main([str(ROOT / "configs" / "quickstart.yaml"), "train.max_iter=3"]) == 2  # typo: error, no run
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_faster_coco_eval_backend_equals_pycocotools(iou_type, capsys):
+    """The optional faster-coco-eval backend gives pycocotools' 12 numbers to 1e-6 on the official
+    reference files (pycocotools stays the default and the reference)."""
+    from tasks.coco_eval import STAT_NAMES, coco_evaluate, load_results
+    from tasks.detection.data import load_coco
+
+    gt = load_coco(REFERENCE / "instances_val2014_100.json")
+    results = load_results(REFERENCE / f"instances_val2014_fake{iou_type}100_results.json")
+    reference = coco_evaluate(gt, results, iou_type)
+    fast = coco_evaluate(gt, results, iou_type, backend="faster_coco_eval")
+    assert list(fast) == list(STAT_NAMES)
+    for name in STAT_NAMES:
+        assert abs(fast[name] - reference[name]) <= 1e-6, (name, fast[name], reference[name])
+    official = {"bbox": 0.5045806987249628, "segm": 0.3195452758576433}[iou_type]
+    assert abs(fast["AP"] - official) <= 1e-6
+    assert sum(line.startswith(" Average") for line in capsys.readouterr().out.splitlines()) >= 24  # both summaries

@@ -3,6 +3,7 @@
     python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision] [--device cpu|cuda]
         [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
         [--output FILE.json] [--cpu-allocator default|retain] [key=value ...]
+    python tools/benchmark.py --mode eval [--images 5000] [--per-image 100] [--output FILE.json]
 
 train: full training steps (forward, backward, SGD step) on synthetic images and boxes of the given size;
 infer: forward in eval mode with post-processing; data: the config's training data loader (images per
@@ -17,6 +18,11 @@ in the same process on the same inputs, alternating iteration by iteration, and 
 C4 or DC5), depth and settings (``torchvision_detector``). Pretrained weights are not loaded: both models
 start from random weights. ``--cpu-allocator retain`` makes glibc keep freed memory
 for reuse, which takes page-fault time (and its dependence on the other model) out of CPU figures.
+
+eval (no config): COCO bbox evaluation of a COCO-val-sized synthetic ground truth and results set
+(``synthetic_coco_eval_set``), timed with each backend (pycocotools, faster_coco_eval) side by side:
+seconds for loading the results, evaluating, accumulating and summarizing, ``time_ratio`` (faster /
+pycocotools) and whether the 12 numbers agree to 1e-6.
 """
 
 from __future__ import annotations
@@ -283,12 +289,79 @@ def benchmark_data(args, config) -> dict:
             "num_workers": config.data.num_workers}
 
 
+def synthetic_coco_eval_set(num_images: int, per_image: int, seed: int = 0) -> tuple[dict, list[dict]]:
+    """A COCO-like ground truth (``num_images`` 640x480 images, 80 categories, about 7 boxes an image of
+    all sizes, some crowd) and ``per_image`` detections an image: each object found with a jittered box
+    and a score, the rest false positives, some of the wrong class. Deterministic from ``seed``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    width, height = 640, 480
+    images = [{"id": i + 1, "width": width, "height": height, "file_name": f"{i + 1:012d}.jpg"} for i in range(num_images)]
+    categories = [{"id": c, "name": f"class{c}"} for c in range(1, 81)]
+    annotations, results = [], []
+
+    def boxes(n):  # x, y, w, h with sides from 4 to 400 pixels (log-uniform: small, medium and large objects)
+        w, h = np.exp(rng.uniform(np.log(4), np.log(400), (2, n)))
+        x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        return np.stack([x, y, w, h], 1)
+
+    for image in images:
+        count = rng.poisson(7)
+        gt, labels = boxes(count), rng.integers(1, 81, count)
+        for box, label in zip(gt, labels):
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": int(label),
+                                "bbox": box.round(2).tolist(), "area": float(box[2] * box[3]),
+                                "iscrowd": int(rng.random() < 0.01)})
+        found = gt[: min(count, per_image)].copy()  # shifted and scaled by about 8% of the object's size
+        found[:, :2] += found[:, 2:] * rng.normal(0, 0.08, (len(found), 2))
+        found[:, 2:] *= np.exp(rng.normal(0, 0.08, (len(found), 2)))
+        found_labels = np.where(rng.random(len(found)) < 0.9, labels[: len(found)], rng.integers(1, 81, len(found)))
+        false = boxes(per_image - len(found))
+        dets = np.concatenate([found, false])
+        det_labels = np.concatenate([found_labels, rng.integers(1, 81, len(false))])
+        scores = np.concatenate([rng.uniform(0.3, 1.0, len(found)), rng.uniform(0.0, 0.6, len(false))])
+        for box, label, score in zip(dets, det_labels, scores):
+            results.append({"image_id": image["id"], "category_id": int(label), "bbox": box.round(2).tolist(),
+                            "score": round(float(score), 4)})
+    return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+def benchmark_eval(args) -> dict:
+    """Both COCO evaluation backends on the same synthetic set, one after the other."""
+    import io
+    from importlib.metadata import version
+
+    from pycocotools.coco import COCO
+
+    from tasks.coco_eval import coco_evaluate
+
+    dataset, results = synthetic_coco_eval_set(args.images, args.per_image)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = dataset
+        gt.createIndex()
+    timings, stats = {}, {}
+    for backend in ("pycocotools", "faster_coco_eval"):
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            stats[backend] = coco_evaluate(gt, results, "bbox", backend)
+        timings[backend] = time.perf_counter() - start
+    agree = all(abs(stats["pycocotools"][k] - stats["faster_coco_eval"][k]) <= 1e-6 for k in stats["pycocotools"])
+    return {"images": args.images, "results": len(results), "annotations": len(dataset["annotations"]),
+            "seconds": timings, "time_ratio": timings["faster_coco_eval"] / timings["pycocotools"],
+            "same_numbers": agree, "AP": stats["pycocotools"]["AP"],
+            "versions": {p: version(p) for p in ("pycocotools", "faster-coco-eval")}}
+
+
 @tool
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config")
+    parser.add_argument("config", nargs="?", help="the config to measure (all modes but eval)")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--mode", choices=["train", "infer", "data"], default="train")
+    parser.add_argument("--mode", choices=["train", "infer", "data", "eval"], default="train")
+    parser.add_argument("--images", type=int, default=5000, help="eval: images of the synthetic set (COCO val: 5000)")
+    parser.add_argument("--per-image", type=int, default=100, help="eval: detections an image")
     parser.add_argument("--compare", choices=["torchvision"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=2)
@@ -301,11 +374,19 @@ def main(argv: list[str]) -> int:
                         help="retain: glibc keeps freed memory for reuse (see retain_freed_memory)")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
+    if args.mode == "eval":
+        return _report(args, benchmark_eval(args))
+    if args.config is None:
+        parser.error(f"--mode {args.mode} measures a config: give its file")
     config = prepare_config(load_config(args.config, args.overrides))
     if args.cpu_allocator == "retain" and not retain_freed_memory():
         raise UserError("--cpu-allocator retain needs glibc's malloc")
     torch.manual_seed(0)
-    results = benchmark_data(args, config) if args.mode == "data" else benchmark_models(args, config)
+    return _report(args, benchmark_data(args, config) if args.mode == "data" else benchmark_models(args, config))
+
+
+def _report(args, results: dict) -> int:
+    """Print and write the results with what they were measured on."""
     record = {
         "config": args.config, "overrides": args.overrides, "mode": args.mode, "device": args.device,
         "batch_size": args.batch_size, "size": args.size, "iters": args.iters, "warmup": args.warmup,

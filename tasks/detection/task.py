@@ -15,7 +15,7 @@ from torch import nn
 from backbones.errors import UserError
 
 from ..coco_eval import coco_evaluate
-from ..config import Config, resolve_path
+from ..config import Config, EvalConfig, resolve_path
 from ..synthetic import ensure_generated
 from .checkpoint import load_detector_weights
 from .data import CocoDetection, collate, detection_transform
@@ -102,20 +102,20 @@ class DetectionTask:
         return results
 
     def evaluate(self, model: nn.Module, dataset: CocoDetection, accelerator: Accelerator, output_dir: Path,
-                 batch_size: int = 1) -> dict[str, float]:
+                 settings: EvalConfig = EvalConfig()) -> dict[str, float]:
         """Each process predicts its shard (every ``num_processes``-th image: disjoint, nothing padded);
-        the main process gathers all results, writes them and runs pycocotools' COCOeval."""
+        the main process gathers all results, writes them and runs the COCO evaluation (``settings.backend``)."""
         was_training = model.training
         model.eval()
         shard = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-        results = self.predict(model, dataset, shard, batch_size)
+        results = self.predict(model, dataset, shard, settings.batch_size)
         model.train(was_training)
         gathered = gather_object([results])
         metrics: dict[str, float] = {}
         if accelerator.is_main_process:
             all_results = [r for part in gathered for r in part]
             (output_dir / "coco_results.json").write_text(json.dumps(all_results))
-            metrics = {f"bbox/{k}": v for k, v in coco_evaluate(dataset.coco, all_results, "bbox").items()}
+            metrics = {f"bbox/{k}": v for k, v in coco_evaluate(dataset.coco, all_results, "bbox", settings.backend).items()}
         return broadcast_metrics(metrics, accelerator)
 
     def visualize(self, model: nn.Module, dataset: CocoDetection, output_dir: Path, config: Config) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from backbones.errors import UserError
 
-from ..config import Config, resolve_path
+from ..config import Config, EvalConfig, resolve_path
 from ..detection.task import prepare_data_root
 from .checkpoint import load_segmenter_weights
 from .data import CocoSegmentation, confusion_matrix, segmentation_metrics, segmentation_transform
@@ -81,7 +81,7 @@ class SegmentationTask:
         return logits.argmax(0)
 
     def evaluate(self, model: nn.Module, dataset: CocoSegmentation, accelerator: Accelerator, output_dir: Path,
-                 batch_size: int = 1) -> dict[str, float]:
+                 settings: EvalConfig = EvalConfig()) -> dict[str, float]:
         """Each process accumulates a confusion matrix over its shard at original resolution; the matrices
         are summed over processes, then reduced to mIoU, pixel accuracy and per-class IoU."""
         was_training = model.training
