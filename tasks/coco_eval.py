@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -55,7 +57,16 @@ def _entry_problem(entry: Any) -> str | None:
 
 def coco_evaluate(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: str = "bbox",
                   backend: str = "pycocotools") -> dict[str, float]:
-    """Run COCO evaluation on ``results`` (COCO results format) and return its 12 summary numbers by name.
+    """The 12 summary numbers of ``coco_evaluate_by_category``."""
+    return coco_evaluate_by_category(coco_gt, results, iou_type, backend)[0]
+
+
+def coco_evaluate_by_category(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: str = "bbox",
+                              backend: str = "pycocotools") -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Run COCO evaluation on ``results`` (COCO results format): its 12 summary numbers by name, and per
+    category of the ground truth ``{"category_id", "name", "AP", "AP50", "AP75"}`` (all areas, 100
+    detections an image; ``None`` for a category without ground truth) from the same accumulated
+    precision, so that the mean of the categories' AP is the summary AP.
 
     ``backend``: ``pycocotools`` (``COCOeval``, the reference) or ``faster_coco_eval`` (the same numbers,
     several times faster; ``pip install faster-coco-eval``). Either prints the standard summary (the 12
@@ -69,7 +80,7 @@ def coco_evaluate(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: st
         raise UserError(f"the COCO evaluation backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not results:
         print(f"no {iou_type} results to evaluate: every metric is 0")
-        return {name: 0.0 for name in STAT_NAMES}
+        return {name: 0.0 for name in STAT_NAMES}, []
     unknown = sorted({r["image_id"] for r in results} - set(coco_gt.getImgIds()))
     if unknown:
         raise UserError(f"{len(unknown)} image ids of the results are not in the ground truth (first: "
@@ -86,7 +97,38 @@ def coco_evaluate(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: st
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+    summary = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+    return summary, _per_category(evaluator, coco_gt)
+
+
+def _per_category(evaluator, coco_gt: COCO) -> list[dict[str, Any]]:
+    """Per-category AP, AP50, AP75 from the evaluator's accumulated precision (IoU thresholds x recall
+    points x categories x areas x max detections; -1 where a category has no ground truth)."""
+    precision = np.asarray(evaluator.eval["precision"])
+    thresholds = np.asarray(evaluator.params.iouThrs)
+
+    def mean(values: np.ndarray) -> float | None:
+        values = values[values > -1]
+        return float(values.mean()) if values.size else None
+
+    rows = []
+    for k, category in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]  # area "all", the largest max-detections setting
+        rows.append({"category_id": int(category), "name": coco_gt.cats[category].get("name", str(category)),
+                     "AP": mean(p), "AP50": mean(p[np.isclose(thresholds, 0.5)]),
+                     "AP75": mean(p[np.isclose(thresholds, 0.75)])})
+    return rows
+
+
+def format_per_category(rows: list[dict[str, Any]], iou_type: str = "bbox") -> str:
+    """The per-category table printed under the summary (best first; categories without ground truth last)."""
+    ordered = sorted(rows, key=lambda r: -1 if r["AP"] is None else r["AP"], reverse=True)
+    width = max([len(r["name"]) for r in rows] + [8])
+    lines = [f"{iou_type} per category:", f"{'category':<{width}}  {'AP':>6}  {'AP50':>6}  {'AP75':>6}"]
+    for row in ordered:
+        cells = ["   n/a" if row[k] is None else f"{100 * row[k]:6.1f}" for k in ("AP", "AP50", "AP75")]
+        lines.append(f"{row['name']:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def _faster_coco_eval(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: str):

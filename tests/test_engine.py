@@ -34,11 +34,13 @@ def test_train_checkpoint_and_exact_resume(shapes, tmp_path):
     full = run(shapes, tmp_path / "full", "train.max_iters=6", "train.checkpoint_period=3")
     assert full.iterations == 6
     for name in ("config.yaml", "model.safetensors", "metrics.json", "metrics.jsonl", "categories.json",
-                 "coco_results.json", "world.json"):
+                 "coco_results.json", "world.json", "per_category.json"):
         assert (tmp_path / "full" / name).is_file(), name
     assert list((tmp_path / "full" / "visualizations").glob("*.png"))
     assert (tmp_path / "full" / "checkpoints" / "latest").read_text() == "iter_0000006"
     assert "bbox/AP" in json.loads((tmp_path / "full" / "metrics.json").read_text())
+    per_category = json.loads((tmp_path / "full" / "per_category.json").read_text())["bbox"]
+    assert [row["name"] for row in per_category] == ["circle", "square", "triangle"]
 
     run(shapes, tmp_path / "resumed", "train.max_iters=3")  # stops after iteration 3 ...
     # ... a crash while writing the next checkpoint leaves a partial folder behind, never a broken latest
@@ -108,7 +110,15 @@ def test_eval_of_a_results_file_gives_the_official_numbers(tmp_path, iou_type, e
                  "--output", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert (metrics[f"{iou_type}/AP"], metrics[f"{iou_type}/AP50"], metrics[f"{iou_type}/AP75"]) == expected
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" Average")]
+    # per category: the categories with ground truth average to the summary (the same accumulated precision)
+    per_category = json.loads((tmp_path / "per_category.json").read_text())[iou_type]
+    for key in ("AP", "AP50", "AP75"):
+        values = [row[key] for row in per_category if row[key] is not None]
+        assert abs(sum(values) / len(values) - metrics[f"{iou_type}/{key}"]) <= 1e-12
+    assert len(per_category) == 80 and {"category_id", "name"} <= set(per_category[0])
+    output = capsys.readouterr().out
+    assert f"{iou_type} per category:" in output
+    printed = [line for line in output.splitlines() if line.startswith(" Average")]
     reference = (REFERENCE / "val2014_fake_eval_res.txt").read_text()
     assert len(printed) == 12
     for line in printed:
@@ -138,16 +148,19 @@ def test_bad_input_names_the_problem(shapes, tmp_path):
 def test_faster_coco_eval_backend_equals_pycocotools(iou_type, capsys):
     """The optional faster-coco-eval backend gives pycocotools' 12 numbers to 1e-6 on the official
     reference files (pycocotools stays the default and the reference)."""
-    from tasks.coco_eval import STAT_NAMES, coco_evaluate, load_results
+    from tasks.coco_eval import STAT_NAMES, coco_evaluate_by_category, load_results
     from tasks.detection.data import load_coco
 
     gt = load_coco(REFERENCE / "instances_val2014_100.json")
     results = load_results(REFERENCE / f"instances_val2014_fake{iou_type}100_results.json")
-    reference = coco_evaluate(gt, results, iou_type)
-    fast = coco_evaluate(gt, results, iou_type, backend="faster_coco_eval")
+    reference, reference_categories = coco_evaluate_by_category(gt, results, iou_type)
+    fast, fast_categories = coco_evaluate_by_category(gt, results, iou_type, backend="faster_coco_eval")
     assert list(fast) == list(STAT_NAMES)
     for name in STAT_NAMES:
         assert abs(fast[name] - reference[name]) <= 1e-6, (name, fast[name], reference[name])
+    for ours, theirs in zip(fast_categories, reference_categories):
+        assert ours["category_id"] == theirs["category_id"]
+        assert all((ours[k] is None and theirs[k] is None) or abs(ours[k] - theirs[k]) <= 1e-6 for k in ("AP", "AP50", "AP75"))
     official = {"bbox": 0.5045806987249628, "segm": 0.3195452758576433}[iou_type]
     assert abs(fast["AP"] - official) <= 1e-6
     assert sum(line.startswith(" Average") for line in capsys.readouterr().out.splitlines()) >= 24  # both summaries

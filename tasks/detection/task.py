@@ -14,7 +14,7 @@ from torch import nn
 
 from backbones.errors import UserError
 
-from ..coco_eval import coco_evaluate
+from ..coco_eval import coco_evaluate_by_category, format_per_category
 from ..config import Config, EvalConfig, resolve_path
 from ..synthetic import ensure_generated
 from .checkpoint import load_detector_weights
@@ -104,7 +104,9 @@ class DetectionTask:
     def evaluate(self, model: nn.Module, dataset: CocoDetection, accelerator: Accelerator, output_dir: Path,
                  settings: EvalConfig = EvalConfig()) -> dict[str, float]:
         """Each process predicts its shard (every ``num_processes``-th image: disjoint, nothing padded);
-        the main process gathers all results, writes them and runs the COCO evaluation (``settings.backend``)."""
+        the main process gathers all results, writes them (``coco_results.json``) and runs the COCO
+        evaluation (``settings.backend``): the summary is returned, the per-category AP printed and written
+        to ``per_category.json``."""
         was_training = model.training
         model.eval()
         shard = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
@@ -115,7 +117,11 @@ class DetectionTask:
         if accelerator.is_main_process:
             all_results = [r for part in gathered for r in part]
             (output_dir / "coco_results.json").write_text(json.dumps(all_results))
-            metrics = {f"bbox/{k}": v for k, v in coco_evaluate(dataset.coco, all_results, "bbox", settings.backend).items()}
+            summary, per_category = coco_evaluate_by_category(dataset.coco, all_results, "bbox", settings.backend)
+            metrics = {f"bbox/{k}": v for k, v in summary.items()}
+            if per_category:
+                print(format_per_category(per_category, "bbox"))
+            (output_dir / "per_category.json").write_text(json.dumps({"bbox": per_category}, indent=1))
         return broadcast_metrics(metrics, accelerator)
 
     def visualize(self, model: nn.Module, dataset: CocoDetection, output_dir: Path, config: Config) -> None:
