@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
 
 from backbones.errors import UserError, UserFileNotFoundError
 
@@ -72,3 +76,22 @@ class ShortestEdgeResize(A.DualTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("short_sizes", "max_size")
+
+
+def worker_leaves_stops_to_its_process(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT (a Ctrl-C reaches the whole process group; the training process
+    stops itself) and exit quietly, with status 0, on SIGTERM: a job-wide SIGTERM (as SLURM sends) must
+    not make the DataLoader raise "worker killed by signal" in the training process while it writes its
+    checkpoint, and the DataLoader's own shutdown (which terminates workers) keeps working."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def inference_batches(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int,
+                      progress: bool = False, desc: str = "eval") -> Iterator[list]:
+    """The items ``indices`` of ``dataset``, in order, as lists of ``batch_size``: read, decoded and resized
+    by ``num_workers`` DataLoader workers (0: in this process) while the model runs, with a progress bar
+    when ``progress``."""
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=list, worker_init_fn=worker_leaves_stops_to_its_process if num_workers else None)
+    yield from tqdm(loader, desc=desc, total=len(loader), disable=not progress, dynamic_ncols=True)

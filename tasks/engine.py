@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from backbones.errors import UserError, UserFileNotFoundError
 
-from .config import Config, EvalConfig, TrainConfig, to_yaml
+from .config import Config, TrainConfig, to_yaml
+from .data import worker_leaves_stops_to_its_process
 from .tasks import prepare_config
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Task(Protocol):
     def collate(self, batch: list) -> tuple[list, list]: ...
     def loss_inputs(self, batch: tuple[list, list]) -> tuple[list, list]: ...
     def evaluate(self, model: nn.Module, dataset: Dataset, accelerator: Accelerator, output_dir: Path,
-                 settings: EvalConfig) -> dict[str, float]: ...
+                 config: Config) -> dict[str, float]: ...
     def visualize(self, model: nn.Module, dataset: Dataset, output_dir: Path, config: Config) -> None: ...
     def metadata(self, dataset: Dataset) -> dict[str, Any]: ...
 
@@ -269,7 +270,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
         num_workers=config.data.num_workers,
         pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
-        worker_init_fn=_worker_leaves_stops_to_its_process,
+        worker_init_fn=worker_leaves_stops_to_its_process,
         generator=torch.Generator().manual_seed(config.seed),  # leaves the global RNG to the training step
     )
     if accelerator.is_main_process:
@@ -399,15 +400,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def _worker_leaves_stops_to_its_process(worker_id: int) -> None:
-    """DataLoader workers ignore SIGINT (a Ctrl-C reaches the whole process group; the training process
-    stops itself) and exit quietly, with status 0, on SIGTERM: a job-wide SIGTERM (as SLURM sends) must
-    not make the DataLoader raise "worker killed by signal" in the training process while it writes its
-    checkpoint, and the DataLoader's own shutdown (which terminates workers) keeps working."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-
-
 def _interrupt(accelerator: Accelerator, checkpoints: CheckpointDir, iteration: int, stop: StopSignals,
                config: Config) -> None:
     """Write the checkpoint of ``iteration`` on every process, close the logs and raise ``TrainingInterrupted``."""
@@ -433,7 +425,7 @@ class _Resumed:
 def _evaluate(task: Task, model: nn.Module, dataset: Dataset, accelerator: Accelerator, output_dir: Path,
               iteration: int, config: Config) -> dict[str, float]:
     model.eval()
-    metrics = task.evaluate(accelerator.unwrap_model(model), dataset, accelerator, output_dir, config.eval)
+    metrics = task.evaluate(accelerator.unwrap_model(model), dataset, accelerator, output_dir, config)
     model.train()
     if accelerator.is_main_process:
         with open(output_dir / "metrics.jsonl", "a") as f:

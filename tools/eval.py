@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    metrics = task.evaluate(model, dataset, accelerator, output_dir, config.eval)
+    metrics = task.evaluate(model, dataset, accelerator, output_dir, config)
     if accelerator.is_main_process:
         write_json(output_dir / "metrics.json", metrics)
         print(json.dumps(metrics))

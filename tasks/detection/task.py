@@ -15,7 +15,8 @@ from torch import nn
 from backbones.errors import UserError
 
 from ..coco_eval import coco_evaluate_by_category, format_per_category
-from ..config import Config, EvalConfig, resolve_path
+from ..config import Config, resolve_path
+from ..data import inference_batches
 from ..synthetic import ensure_generated
 from .checkpoint import load_detector_weights
 from .data import CocoDetection, collate, detection_transform
@@ -89,11 +90,11 @@ class DetectionTask:
         return {"categories": [{"id": c, "name": dataset.category_names[c]} for c in dataset.category_ids]}
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, dataset: CocoDetection, indices: list[int], batch_size: int = 1) -> list[dict]:
-        """COCO results for the images ``indices`` of ``dataset``."""
+    def predict(self, model: nn.Module, dataset: CocoDetection, indices: list[int], batch_size: int = 1,
+                num_workers: int = 0, progress: bool = False) -> list[dict]:
+        """COCO results for the images ``indices`` of ``dataset`` (read by ``num_workers`` workers)."""
         results = []
-        for start in range(0, len(indices), batch_size):
-            items = [dataset[i] for i in indices[start : start + batch_size]]
+        for items in inference_batches(dataset, indices, batch_size, num_workers, progress):
             images = [image for image, _ in items]
             detections = model(images, original_sizes=[t["orig_size"] for _, t in items])
             for (_, target), det in zip(items, detections):
@@ -102,22 +103,24 @@ class DetectionTask:
         return results
 
     def evaluate(self, model: nn.Module, dataset: CocoDetection, accelerator: Accelerator, output_dir: Path,
-                 settings: EvalConfig = EvalConfig()) -> dict[str, float]:
+                 config: Config) -> dict[str, float]:
         """Each process predicts its shard (every ``num_processes``-th image: disjoint, nothing padded);
         the main process gathers all results, writes them (``coco_results.json``) and runs the COCO
-        evaluation (``settings.backend``): the summary is returned, the per-category AP printed and written
-        to ``per_category.json``."""
+        evaluation (``eval.backend``): the summary is returned, the per-category AP printed and written
+        to ``per_category.json``. Images are read by ``data.num_workers`` workers, ``eval.batch_size`` at a
+        time."""
         was_training = model.training
         model.eval()
         shard = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-        results = self.predict(model, dataset, shard, settings.batch_size)
+        results = self.predict(model, dataset, shard, config.eval.batch_size, config.data.num_workers,
+                               progress=accelerator.is_main_process)
         model.train(was_training)
         gathered = gather_object([results])
         metrics: dict[str, float] = {}
         if accelerator.is_main_process:
             all_results = [r for part in gathered for r in part]
             (output_dir / "coco_results.json").write_text(json.dumps(all_results))
-            summary, per_category = coco_evaluate_by_category(dataset.coco, all_results, "bbox", settings.backend)
+            summary, per_category = coco_evaluate_by_category(dataset.coco, all_results, "bbox", config.eval.backend)
             metrics = {f"bbox/{k}": v for k, v in summary.items()}
             if per_category:
                 print(format_per_category(per_category, "bbox"))

@@ -14,7 +14,8 @@ from torch import nn
 
 from backbones.errors import UserError
 
-from ..config import Config, EvalConfig, resolve_path
+from ..config import Config, resolve_path
+from ..data import inference_batches
 from ..detection.task import prepare_data_root
 from .checkpoint import load_segmenter_weights
 from .data import CocoSegmentation, confusion_matrix, segmentation_metrics, segmentation_transform
@@ -81,14 +82,16 @@ class SegmentationTask:
         return logits.argmax(0)
 
     def evaluate(self, model: nn.Module, dataset: CocoSegmentation, accelerator: Accelerator, output_dir: Path,
-                 settings: EvalConfig = EvalConfig()) -> dict[str, float]:
-        """Each process accumulates a confusion matrix over its shard at original resolution; the matrices
-        are summed over processes, then reduced to mIoU, pixel accuracy and per-class IoU."""
+                 config: Config) -> dict[str, float]:
+        """Each process accumulates a confusion matrix over its shard at original resolution (images read by
+        ``data.num_workers`` workers); the matrices are summed over processes, then reduced to mIoU, pixel
+        accuracy and per-class IoU."""
         was_training = model.training
         model.eval()
         confusion = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=accelerator.device)
-        for index in range(accelerator.process_index, len(dataset), accelerator.num_processes):
-            image, target = dataset[index]
+        shard = range(accelerator.process_index, len(dataset), accelerator.num_processes)
+        for items in inference_batches(dataset, shard, 1, config.data.num_workers, accelerator.is_main_process):
+            ((image, target),) = items
             prediction = self.predict(model, image, target["orig_size"])
             confusion += confusion_matrix(prediction, target["mask"].to(prediction.device), dataset.num_classes)
         model.train(was_training)
