@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from PIL import Image
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -263,3 +264,24 @@ def test_evaluation_shards_read_by_workers_give_the_same_results():
     for processes in (1, 2, 3):
         shards = [task.predict(model, dataset, images[rank::processes], num_workers=2) for rank in range(processes)]
         assert sorted((r for shard in shards for r in shard), key=key) == expected, processes
+
+
+def test_drawings_colour_each_class_and_hide_low_scores():
+    """Each class in its own colour (the same in every picture), labels on a filled background, detections
+    below the threshold left out; the validation drawing puts the ground truth beside the predictions."""
+    import numpy as np
+
+    from tasks.detection.inference import class_color, draw_detections, side_by_side
+
+    image = np.full((120, 200, 3), 255, np.uint8)
+    detections = {"boxes": torch.tensor([[10.0, 40.0, 60.0, 100.0], [100.0, 40.0, 180.0, 110.0], [5.0, 5.0, 195.0, 115.0]]),
+                  "labels": torch.tensor([1, 2, 3]), "scores": torch.tensor([0.9, 0.8, 0.1])}
+    drawn = np.asarray(draw_detections(image, detections, {1: "circle", 2: "square", 3: "triangle"}, 0.5))
+    assert class_color(1) != class_color(2)
+    assert tuple(drawn[70, 10]) == class_color(1) and tuple(drawn[70, 100]) == class_color(2)  # left edges
+    assert tuple(drawn[60, 5]) == (255, 255, 255)  # the low-scoring box is not drawn
+    assert (drawn[42:50, 12:40] == class_color(1)).all(axis=-1).sum() > 20  # its label's filled background (inside, on top)
+    truth = draw_detections(image, {"boxes": detections["boxes"][:1], "labels": detections["labels"][:1]}, {})
+    assert tuple(np.asarray(truth)[70, 10]) == class_color(1)  # ground truth: no scores, all drawn
+    both = side_by_side(truth, Image.fromarray(drawn))
+    assert both.size == (2 * 200 + 6, 120)

@@ -20,7 +20,7 @@ from ..data import inference_batches
 from ..synthetic import ensure_generated
 from .checkpoint import load_detector_weights
 from .data import CocoDetection, collate, detection_transform
-from .inference import draw_detections, to_coco_results
+from .inference import draw_detections, side_by_side, to_coco_results
 from .model import build_detector, resolve_detector_config
 
 
@@ -128,6 +128,8 @@ class DetectionTask:
         return broadcast_metrics(metrics, accelerator)
 
     def visualize(self, model: nn.Module, dataset: CocoDetection, output_dir: Path, config: Config) -> None:
+        """The first ``eval.num_visualize`` validation images: ground truth (left) beside the predictions of
+        score >= ``eval.visualize_score_thresh`` (right), one PNG each."""
         output_dir.mkdir(parents=True, exist_ok=True)
         model.eval()
         names = {label: dataset.category_names[c] for label, c in dataset.label_to_category.items()}
@@ -135,9 +137,11 @@ class DetectionTask:
             for index in range(min(config.eval.num_visualize, len(dataset))):
                 image, target = dataset[index]
                 (det,) = model([image])
-                drawn = draw_detections(image.permute(1, 2, 0).numpy(), {k: v.cpu() for k, v in det.items()}, names,
-                                        config.eval.visualize_score_thresh)
-                drawn.save(output_dir / f"{target['image_id']}.png")
+                pixels = image.permute(1, 2, 0).numpy()
+                truth = draw_detections(pixels, {"boxes": target["boxes"], "labels": target["labels"]}, names)
+                predicted = draw_detections(pixels, {k: v.cpu() for k, v in det.items()}, names,
+                                            config.eval.visualize_score_thresh)
+                side_by_side(truth, predicted).save(output_dir / f"{target['image_id']}.png")
 
 
 def broadcast_metrics(metrics: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
