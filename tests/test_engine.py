@@ -164,3 +164,24 @@ def test_faster_coco_eval_backend_equals_pycocotools(iou_type, capsys):
     official = {"bbox": 0.5045806987249628, "segm": 0.3195452758576433}[iou_type]
     assert abs(fast["AP"] - official) <= 1e-6
     assert sum(line.startswith(" Average") for line in capsys.readouterr().out.splitlines()) >= 24  # both summaries
+
+
+def test_plot_draws_the_curves_of_several_runs(tmp_path, capsys):
+    """tools/plot.py overlays runs' losses, learning rate and validation metrics in one PNG."""
+    from PIL import Image
+
+    from tools.plot import main
+
+    for name, scale in (("r18", 1.0), ("r50", 0.5)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"iteration": i, "loss": scale / i, "loss_cls": scale / i, "lr": 0.01} for i in range(10, 101, 10)]
+        lines.append({"iteration": 100, "val/bbox/AP": 0.3 * scale, "val/bbox/AP50": 0.5 * scale})
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "curves.png"
+    assert main([str(tmp_path / "r18"), str(tmp_path / "r50"), "--output", str(out)]) == 0
+    assert "5 panels: loss, loss_cls, lr, val/bbox/AP, val/bbox/AP50" in capsys.readouterr().out
+    width, height = Image.open(out).size
+    assert width > 1000 and height > 500
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
