@@ -5,6 +5,7 @@ tested on the official reference files)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,18 +56,29 @@ def _entry_problem(entry: Any) -> str | None:
     return None
 
 
+@dataclass
+class CocoReport:
+    """What one COCO evaluation gives: the 12 summary numbers by name; per category of the ground truth
+    ``{"category_id", "name", "AP", "AP50", "AP75"}`` (all areas, 100 detections an image; ``None`` for
+    a category without ground truth), from the same accumulated precision, so that the mean of the
+    categories' AP is the summary AP; and the precision-recall curves behind them: ``recall`` (R,) and,
+    for IoU 0.5 and 0.75, ``precision[iou]`` (K categories, R) with -1 where a category has no ground truth."""
+
+    summary: dict[str, float]
+    per_category: list[dict[str, Any]] = field(default_factory=list)
+    recall: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    precision: dict[float, np.ndarray] = field(default_factory=dict)
+
+
 def coco_evaluate(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: str = "bbox",
                   backend: str = "pycocotools") -> dict[str, float]:
-    """The 12 summary numbers of ``coco_evaluate_by_category``."""
-    return coco_evaluate_by_category(coco_gt, results, iou_type, backend)[0]
+    """The 12 summary numbers of ``coco_report``."""
+    return coco_report(coco_gt, results, iou_type, backend).summary
 
 
-def coco_evaluate_by_category(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: str = "bbox",
-                              backend: str = "pycocotools") -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Run COCO evaluation on ``results`` (COCO results format): its 12 summary numbers by name, and per
-    category of the ground truth ``{"category_id", "name", "AP", "AP50", "AP75"}`` (all areas, 100
-    detections an image; ``None`` for a category without ground truth) from the same accumulated
-    precision, so that the mean of the categories' AP is the summary AP.
+def coco_report(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: str = "bbox",
+                backend: str = "pycocotools") -> CocoReport:
+    """Run COCO evaluation on ``results`` (COCO results format): see ``CocoReport``.
 
     ``backend``: ``pycocotools`` (``COCOeval``, the reference) or ``faster_coco_eval`` (the same numbers,
     several times faster; ``pip install faster-coco-eval``). Either prints the standard summary (the 12
@@ -80,7 +92,7 @@ def coco_evaluate_by_category(coco_gt: COCO, results: Sequence[dict[str, Any]], 
         raise UserError(f"the COCO evaluation backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not results:
         print(f"no {iou_type} results to evaluate: every metric is 0")
-        return {name: 0.0 for name in STAT_NAMES}, []
+        return CocoReport({name: 0.0 for name in STAT_NAMES})
     unknown = sorted({r["image_id"] for r in results} - set(coco_gt.getImgIds()))
     if unknown:
         raise UserError(f"{len(unknown)} image ids of the results are not in the ground truth (first: "
@@ -98,7 +110,10 @@ def coco_evaluate_by_category(coco_gt: COCO, results: Sequence[dict[str, Any]], 
     evaluator.accumulate()
     evaluator.summarize()
     summary = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
-    return summary, _per_category(evaluator, coco_gt)
+    precision = np.asarray(evaluator.eval["precision"])[:, :, :, 0, -1]  # (T, R, K): area "all", 100 detections
+    thresholds = np.asarray(evaluator.params.iouThrs)
+    curves = {iou: precision[np.isclose(thresholds, iou)][0].T for iou in (0.5, 0.75)}
+    return CocoReport(summary, _per_category(evaluator, coco_gt), np.asarray(evaluator.params.recThrs), curves)
 
 
 def _per_category(evaluator, coco_gt: COCO) -> list[dict[str, Any]]:

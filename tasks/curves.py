@@ -1,13 +1,21 @@
-"""Training curves of one or several runs as one picture, from their ``metrics.jsonl``."""
+"""Pictures and reports of runs: training curves of one or several runs (from their ``metrics.jsonl``), and
+what a COCO evaluation writes beside its numbers (per-category table and JSON, precision-recall curves)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from backbones.errors import UserError, UserFileNotFoundError
+
+from .coco_eval import CocoReport, format_per_category
+
+logger = logging.getLogger(__name__)
 
 # validation metrics worth a panel, in this order, when a run logged them
 VALIDATION_KEYS = ("bbox/AP", "bbox/AP50", "segm/mIoU", "segm/pixel_accuracy")
@@ -34,17 +42,23 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, names: Sequence[str] | None = None) -> list[str]:
-    """Draw the losses, the learning rate and the validation metrics of the runs side by side into
-    ``output`` (PNG), one panel per quantity, one line per run (overlaid, so two backbones or two depths
-    compare at a glance). Returns the panel titles."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or a UserError saying how to install it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise UserError("tools/plot.py needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from error
+        raise UserError("pictures need matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from error
+    return plt
+
+
+def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, names: Sequence[str] | None = None) -> list[str]:
+    """Draw the losses, the learning rate and the validation metrics of the runs side by side into
+    ``output`` (PNG), one panel per quantity, one line per run (overlaid, so two backbones or two depths
+    compare at a glance). Returns the panel titles."""
+    plt = _pyplot()
     runs = {name: read_metrics(d) for name, d in zip(names or [Path(d).resolve().name for d in run_dirs], run_dirs)}
     losses = sorted({k for records in runs.values() for r in records for k in r if k.startswith("loss")},
                     key=lambda k: (k != "loss", k))
@@ -75,3 +89,67 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, names: Sequenc
     figure.savefig(output, dpi=100)
     plt.close(figure)
     return panels
+
+
+def plot_pr_curves(report: CocoReport, output: str | Path, iou_type: str = "bbox", extremes: int = 3) -> None:
+    """Precision-recall curves at IoU 0.5 and 0.75 (all areas, 100 detections an image): the mean over the
+    categories with ground truth (the curve whose area is AP50 / AP75) and the ``extremes`` best and worst
+    categories by AP, named, in ``output`` (PNG)."""
+    plt = _pyplot()
+    rows = [(i, r) for i, r in enumerate(report.per_category) if r["AP"] is not None]
+    ranked = sorted(rows, key=lambda item: item[1]["AP"])
+    shown = ranked[-extremes:][::-1] + (ranked[:extremes] if len(ranked) > extremes else [])
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for axis, iou in zip(axes, (0.5, 0.75)):
+        precision = report.precision[iou][[i for i, _ in rows]]  # (K with ground truth, R)
+        key = "AP50" if iou == 0.5 else "AP75"
+        axis.plot(report.recall, precision.mean(0), color="black", linewidth=2.5,
+                  label=f"all {len(rows)} categories ({key} {100 * report.summary[key]:.1f})")
+        for rank, (index, row) in enumerate(shown):
+            style = "-" if rank < min(extremes, len(ranked)) else "--"
+            axis.plot(report.recall, report.precision[iou][index], style, linewidth=1.2, color=f"C{rank % 10}",
+                      label=f"{row['name']} ({key} {100 * row[key]:.1f})")
+        axis.set(title=f"{iou_type}, IoU {iou}", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower left")
+    figure.suptitle("precision-recall: mean, best (solid) and worst (dashed) categories by AP")
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+
+
+def write_coco_report(report: CocoReport, iou_type: str, output_dir: str | Path | None) -> None:
+    """Print the per-category table; in ``output_dir`` (when given) write ``per_category.json`` and, where
+    matplotlib is installed, ``pr_curves.png``, and say where they are."""
+    if not report.per_category:
+        return
+    print(format_per_category(report.per_category, iou_type))
+    if output_dir is None:
+        return
+    output_dir = Path(output_dir)
+    (output_dir / "per_category.json").write_text(json.dumps({iou_type: report.per_category}, indent=1))
+    written = [output_dir / "per_category.json"]
+    try:
+        plot_pr_curves(report, output_dir / "pr_curves.png", iou_type)
+        written.append(output_dir / "pr_curves.png")
+    except UserError as missing:
+        logger.info("no pr_curves.png: %s", missing)
+    print("wrote " + ", ".join(map(str, written)))
+
+
+def plot_per_class_iou(metrics: dict[str, float], output: str | Path) -> None:
+    """A bar chart of the per-class IoU (``IoU/<class>`` entries of ``metrics``), worst first, with the mIoU
+    as a line, in ``output`` (PNG)."""
+    plt = _pyplot()
+    values = sorted(((k.split("/", 1)[1], v) for k, v in metrics.items() if k.startswith("IoU/")), key=lambda kv: kv[1])
+    figure, axis = plt.subplots(figsize=(max(5.0, 0.32 * len(values) + 2), 4.2))
+    axis.bar(range(len(values)), [v for _, v in values], color="C0")
+    axis.axhline(metrics["mIoU"], color="black", linestyle="--", label=f"mIoU {100 * metrics['mIoU']:.1f}")
+    axis.set_xticks(range(len(values)), [name for name, _ in values], rotation=60 if len(values) > 8 else 0,
+                    ha="right" if len(values) > 8 else "center", fontsize=8)
+    axis.set(ylabel="IoU", ylim=(0, 1), title="per-class IoU")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    plt.close(figure)

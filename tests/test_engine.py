@@ -117,7 +117,8 @@ def test_eval_of_a_results_file_gives_the_official_numbers(tmp_path, iou_type, e
         assert abs(sum(values) / len(values) - metrics[f"{iou_type}/{key}"]) <= 1e-12
     assert len(per_category) == 80 and {"category_id", "name"} <= set(per_category[0])
     output = capsys.readouterr().out
-    assert f"{iou_type} per category:" in output
+    assert f"{iou_type} per category:" in output and "pr_curves.png" in output
+    assert (tmp_path / "pr_curves.png").stat().st_size > 10_000
     printed = [line for line in output.splitlines() if line.startswith(" Average")]
     reference = (REFERENCE / "val2014_fake_eval_res.txt").read_text()
     assert len(printed) == 12
@@ -148,16 +149,19 @@ def test_bad_input_names_the_problem(shapes, tmp_path):
 def test_faster_coco_eval_backend_equals_pycocotools(iou_type, capsys):
     """The optional faster-coco-eval backend gives pycocotools' 12 numbers to 1e-6 on the official
     reference files (pycocotools stays the default and the reference)."""
-    from tasks.coco_eval import STAT_NAMES, coco_evaluate_by_category, load_results
+    from tasks.coco_eval import STAT_NAMES, coco_report, load_results
     from tasks.detection.data import load_coco
 
     gt = load_coco(REFERENCE / "instances_val2014_100.json")
     results = load_results(REFERENCE / f"instances_val2014_fake{iou_type}100_results.json")
-    reference, reference_categories = coco_evaluate_by_category(gt, results, iou_type)
-    fast, fast_categories = coco_evaluate_by_category(gt, results, iou_type, backend="faster_coco_eval")
+    slow_report, fast_report = (coco_report(gt, results, iou_type, backend) for backend in ("pycocotools", "faster_coco_eval"))
+    (reference, reference_categories), (fast, fast_categories) = ((r.summary, r.per_category) for r in (slow_report, fast_report))
     assert list(fast) == list(STAT_NAMES)
     for name in STAT_NAMES:
         assert abs(fast[name] - reference[name]) <= 1e-6, (name, fast[name], reference[name])
+    for iou, key in ((0.5, "AP50"), (0.75, "AP75")):  # the curves drawn are the ones the numbers come from
+        curves = slow_report.precision[iou][[r["AP"] is not None for r in reference_categories]]
+        assert curves.shape[1] == len(slow_report.recall) == 101 and abs(curves.mean() - reference[key]) <= 1e-12
     for ours, theirs in zip(fast_categories, reference_categories):
         assert ours["category_id"] == theirs["category_id"]
         assert all((ours[k] is None and theirs[k] is None) or abs(ours[k] - theirs[k]) <= 1e-6 for k in ("AP", "AP50", "AP75"))

@@ -210,6 +210,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
                           *common, "--output-dir", str(tmp_path / "two")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
+    assert (tmp_path / "one" / "per_class_iou.png").stat().st_size > 5_000  # the per-class IoU bar chart
     one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert one_metrics == two_metrics and "segm/mIoU" in one_metrics

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from tasks.cli import DEBUG_HELP, tool
-from tasks.coco_eval import BACKENDS, coco_evaluate_by_category, format_per_category, load_results
+from tasks.coco_eval import BACKENDS, coco_report, load_results
+from tasks.curves import write_coco_report
 from tasks.config import load_run
 from tasks.tasks import prepare_config
 
@@ -45,14 +46,15 @@ def main(argv: list[str]) -> int:
             parser.error("--results and --annotations go together")
         from tasks.detection.data import load_coco
 
-        summary, per_category = coco_evaluate_by_category(load_coco(args.annotations), load_results(args.results),
-                                                          args.iou_type, args.backend or "pycocotools")
-        metrics = {f"{args.iou_type}/{k}": v for k, v in summary.items()}
-        if per_category:
-            print(format_per_category(per_category, args.iou_type))
+        report = coco_report(load_coco(args.annotations), load_results(args.results), args.iou_type,
+                             args.backend or "pycocotools")
+        metrics = {f"{args.iou_type}/{k}": v for k, v in report.summary.items()}
         if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(metrics, indent=2))
-            (Path(args.output).parent / "per_category.json").write_text(json.dumps({args.iou_type: per_category}, indent=1))
+            write_coco_report(report, args.iou_type, Path(args.output).parent)
+        else:
+            write_coco_report(report, args.iou_type, None)
         return 0
     if not args.source:
         parser.error("give a run folder, a config file with --weights, or --annotations with --results")

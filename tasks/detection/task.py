@@ -14,7 +14,8 @@ from torch import nn
 
 from backbones.errors import UserError
 
-from ..coco_eval import coco_evaluate_by_category, format_per_category
+from ..coco_eval import coco_report
+from ..curves import write_coco_report
 from ..config import Config, resolve_path
 from ..data import inference_batches
 from ..synthetic import ensure_generated
@@ -107,7 +108,7 @@ class DetectionTask:
         """Each process predicts its shard (every ``num_processes``-th image: disjoint, nothing padded);
         the main process gathers all results, writes them (``coco_results.json``) and runs the COCO
         evaluation (``eval.backend``): the summary is returned, the per-category AP printed and written
-        to ``per_category.json``. Images are read by ``data.num_workers`` workers, ``eval.batch_size`` at a
+        with the precision-recall curves (``write_coco_report``). Images are read by ``data.num_workers`` workers, ``eval.batch_size`` at a
         time."""
         was_training = model.training
         model.eval()
@@ -120,11 +121,9 @@ class DetectionTask:
         if accelerator.is_main_process:
             all_results = [r for part in gathered for r in part]
             (output_dir / "coco_results.json").write_text(json.dumps(all_results))
-            summary, per_category = coco_evaluate_by_category(dataset.coco, all_results, "bbox", config.eval.backend)
-            metrics = {f"bbox/{k}": v for k, v in summary.items()}
-            if per_category:
-                print(format_per_category(per_category, "bbox"))
-            (output_dir / "per_category.json").write_text(json.dumps({"bbox": per_category}, indent=1))
+            report = coco_report(dataset.coco, all_results, "bbox", config.eval.backend)
+            metrics = {f"bbox/{k}": v for k, v in report.summary.items()}
+            write_coco_report(report, "bbox", output_dir)
         return broadcast_metrics(metrics, accelerator)
 
     def visualize(self, model: nn.Module, dataset: CocoDetection, output_dir: Path, config: Config) -> None:

@@ -3,6 +3,7 @@ drawings of validation predictions."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,15 @@ from torch import nn
 from backbones.errors import UserError
 
 from ..config import Config, resolve_path
+from ..curves import plot_per_class_iou
 from ..data import inference_batches
 from ..detection.task import prepare_data_root
 from .checkpoint import load_segmenter_weights
 from .data import CocoSegmentation, confusion_matrix, segmentation_metrics, segmentation_transform
 from .drawing import draw_segmentation
 from .model import build_segmenter, resolve_segmenter_config
+
+logger = logging.getLogger(__name__)
 
 
 class SegmentationTask:
@@ -100,6 +104,11 @@ class SegmentationTask:
         metrics = segmentation_metrics(confusion.cpu(), dataset.class_names)
         if accelerator.is_main_process:
             print(f"mIoU {metrics['mIoU']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f} over {len(dataset)} images")
+            try:
+                plot_per_class_iou(metrics, output_dir / "per_class_iou.png")
+                print(f"wrote {output_dir / 'per_class_iou.png'}")
+            except UserError as missing:  # matplotlib is optional
+                logger.info("no per_class_iou.png: %s", missing)
         return {f"segm/{k}": v for k, v in metrics.items()}
 
     def visualize(self, model: nn.Module, dataset: CocoSegmentation, output_dir: Path, config: Config) -> None:
