@@ -9,8 +9,6 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from backbones.errors import UserError, UserFileNotFoundError
 
 from .coco_eval import CocoReport, format_per_category
