@@ -189,3 +189,16 @@ def test_plot_draws_the_curves_of_several_runs(tmp_path, capsys):
     assert width > 1000 and height > 500
     assert main([str(tmp_path / "missing")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_results_travel_between_processes_as_compact_arrays():
+    """Evaluation gathers box results as (N, 7) arrays: the round trip gives back exactly the entries."""
+    import numpy as np
+
+    from tasks.coco_eval import array_to_results, load_results, results_to_array
+
+    results = load_results(REFERENCE / "instances_val2014_fakebbox100_results.json")
+    array = results_to_array(results)
+    assert array.shape == (len(results), 7) and array.dtype == np.float64
+    assert array_to_results(array) == [{k: r[k] for k in ("image_id", "category_id", "bbox", "score")} for r in results]
+    assert array_to_results(results_to_array([])) == []

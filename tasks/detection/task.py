@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -14,7 +15,7 @@ from torch import nn
 
 from backbones.errors import UserError
 
-from ..coco_eval import coco_report
+from ..coco_eval import array_to_results, coco_report, results_to_array
 from ..curves import write_coco_report
 from ..config import Config, resolve_path
 from ..data import inference_batches
@@ -116,10 +117,10 @@ class DetectionTask:
         results = self.predict(model, dataset, shard, config.eval.batch_size, config.data.num_workers,
                                progress=accelerator.is_main_process)
         model.train(was_training)
-        gathered = gather_object([results])
+        gathered = gather_object([results_to_array(results)])  # compact arrays, not lists of dicts
         metrics: dict[str, float] = {}
         if accelerator.is_main_process:
-            all_results = [r for part in gathered for r in part]
+            all_results = array_to_results(np.concatenate(gathered))
             (output_dir / "coco_results.json").write_text(json.dumps(all_results))
             report = coco_report(dataset.coco, all_results, "bbox", config.eval.backend)
             metrics = {f"bbox/{k}": v for k, v in report.summary.items()}
