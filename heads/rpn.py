@@ -180,10 +180,11 @@ class RPN(nn.Module):
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Proposals ``[(K_i, 4)]`` per image (detached) and, when ``targets`` are given, the losses."""
         maps = [features[f] for f in self.in_features]
-        proposals, _ = self.propose(maps, image_sizes)
+        anchors = self.anchors(maps)
+        proposals, _ = self.propose(maps, anchors, image_sizes)
         losses: dict[str, torch.Tensor] = {}
         if targets is not None:
-            losses = self.losses(maps, self.anchors(maps), targets)
+            losses = self.losses(maps, anchors, targets)
         return proposals, losses
 
     def anchors(self, maps: list[torch.Tensor]) -> torch.Tensor:
@@ -193,13 +194,14 @@ class RPN(nn.Module):
         return torch.cat(self.anchor_generator([tuple(m.shape[-2:]) for m in maps], padded_size))
 
     @torch.no_grad()  # proposals carry no gradient; the losses recompute the head where they read it
-    def propose(self, maps: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def propose(self, maps: list[torch.Tensor], anchors: torch.Tensor,
+                image_sizes: list[tuple[int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per image the proposals ``(K, 4)`` and their objectness logits ``(K,)``, best first, from the
-        feature maps of ``in_features``."""
+        feature maps of ``in_features`` and their ``anchors`` (``self.anchors(maps)``)."""
         logits, deltas = self.head(maps)
         per_level = [m.shape[-2] * m.shape[-1] * self.anchor_generator.num_anchors[0] for m in maps]
         logits, deltas = flatten_levels(logits, deltas)  # (N, A_total), (N, A_total, 4)
-        boxes = self.box_coder.decode(deltas, self.anchors(maps).unsqueeze(0)).view(len(image_sizes), -1, 4)
+        boxes = self.box_coder.decode(deltas, anchors.unsqueeze(0)).view(len(image_sizes), -1, 4)
         return self.select_proposals(boxes, logits, image_sizes, per_level)
 
     def select_proposals(

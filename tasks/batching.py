@@ -29,10 +29,10 @@ def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel
     batch = torch.zeros((len(images), 3, height, width), device=pixel_mean.device)
     for i, img in enumerate(images):
         img = img.to(pixel_mean.device, non_blocking=True)
-        if img.dtype == torch.uint8:  # 0..255 as it is where the network wants that (no rounding on the way)
-            img = img.float() if input_range == 255 else img.float() / 255 * input_range
+        if img.dtype == torch.uint8:  # 0..255 kept as it is where the network wants that (no rounding on the way)
+            img = img.float() if input_range == 255 else img.float() / (255 / input_range)
         else:
-            img = img.float() * input_range
+            img = img.float() if input_range == 1 else img.float() * input_range
         if input_format == "BGR":
             img = img.flip(0)
         batch[i, :, : img.shape[-2], : img.shape[-1]] = (img - pixel_mean) / pixel_std

@@ -66,7 +66,8 @@ def test_zoo_checkpoint_gives_detectron2_outputs(name):
             assert tuple(image.shape[1:]) == (expected["height"], expected["width"])
             batch, sizes = model.preprocess([image])
             features = model.backbone(batch)
-            proposals, logits = model.rpn.propose([features[f] for f in model.rpn.in_features], sizes)
+            maps = [features[f] for f in model.rpn.in_features]
+            proposals, logits = model.rpn.propose(maps, model.rpn.anchors(maps), sizes)
             # the same top 50 proposals with the same logits; proposals whose logits tie to float rounding may
             # trade places, so each is looked up among our best 60
             top, top_logits = torch.tensor(expected["proposals_top50"]), torch.tensor(expected["proposal_logits_top50"])
@@ -298,3 +299,15 @@ def test_infer_tool_with_a_zoo_file_gives_detectron2_detections(tmp_path):
     assert (boxes[match] - torch.tensor(expected["boxes"])).abs().max() < 0.01
     assert (torch.tensor([predictions[i]["score"] for i in match]) - torch.tensor(expected["scores"])).abs().max() < 1e-4
     assert [predictions[i]["category_id"] for i in match] == [coco_ids[c] for c in expected["classes"]]
+
+
+def test_detectron2_box_losses_are_l1():
+    """detectron2's recipe (``smooth_l1_beta: 0``) makes both box losses plain L1 sums."""
+    from heads.boxes import box_loss
+
+    config = prepare_config(load_config(CONFIGS / "faster_rcnn_R_50_FPN_1x.yaml"))
+    pred, target = torch.tensor([[0.3, -0.02, 1.5, 0.0]]), torch.tensor([[0.0, 0.01, -0.5, 0.004]])
+    for section in ("rpn", "roi_heads"):
+        settings = config.model[section]
+        got = box_loss(pred, target, settings["box_loss_type"], settings["smooth_l1_beta"])
+        assert torch.allclose(got, (pred - target).abs().sum()), section

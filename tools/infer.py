@@ -41,23 +41,22 @@ logger = logging.getLogger("infer")
 def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[int, int], dict[int, str]]:
     """label -> COCO category id, and label -> name, for the config's label map. With ``coco_id`` every
     label is its own category id (torchvision's detectors also output the ids COCO leaves unused)."""
+    annotations = resolve_path(config.data.root, config.data.val.annotations)
+    # an 80-class contiguous model without its dataset at hand (a model-zoo download, say) is COCO's
+    coco_model = not annotations.is_file() and num_classes == len(COCO_CATEGORIES)
     if run_dir is not None and (run_dir / "categories.json").is_file():
         categories = json.loads((run_dir / "categories.json").read_text())
-    elif config.data.label_map == "coco_id":
-        categories = [{"id": i, "name": n} for i, n in COCO_CATEGORIES.items()]
-    else:
-        annotations = resolve_path(config.data.root, config.data.val.annotations)
-        if not annotations.is_file() and num_classes == len(COCO_CATEGORIES):
-            # an 80-class model without its dataset at hand (a model-zoo download, say): COCO's categories
+    elif config.data.label_map == "coco_id" or coco_model:
+        if config.data.label_map != "coco_id":
             logger.info("labels 1..80 named as COCO's categories (%s not found)", annotations)
-            categories = [{"id": i, "name": n} for i, n in COCO_CATEGORIES.items()]
-        elif not annotations.is_file():
-            raise UserFileNotFoundError(
-                f"the config maps labels to categories by data.label_map=contiguous, which needs the category list "
-                f"of {annotations} (data.root, data.val.annotations) or a run folder's categories.json"
-            )
-        else:
-            categories = load_coco(annotations).dataset["categories"]
+        categories = [{"id": i, "name": n} for i, n in COCO_CATEGORIES.items()]
+    elif not annotations.is_file():
+        raise UserFileNotFoundError(
+            f"the config maps labels to categories by data.label_map=contiguous, which needs the category list "
+            f"of {annotations} (data.root, data.val.annotations) or a run folder's categories.json"
+        )
+    else:
+        categories = load_coco(annotations).dataset["categories"]
     categories = sorted(categories, key=lambda c: c["id"])
     if config.data.label_map == "contiguous" and len(categories) != num_classes:
         raise UserError(f"the model has {num_classes} classes but its category list has {len(categories)}: give the "
