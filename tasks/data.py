@@ -78,13 +78,24 @@ class ShortestEdgeResize(A.DualTransform):
         return ("short_sizes", "max_size")
 
 
+WORKER_GRACE_SECONDS = 10
+
+
 def worker_leaves_stops_to_its_process(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT (a Ctrl-C reaches the whole process group; the training process
-    stops itself) and exit quietly, with status 0, on SIGTERM: a job-wide SIGTERM (as SLURM sends) must
-    not make the DataLoader raise "worker killed by signal" in the training process while it writes its
-    checkpoint, and the DataLoader's own shutdown (which terminates workers) keeps working."""
+    stops itself). On SIGTERM they keep serving for ``WORKER_GRACE_SECONDS`` and then exit quietly, with
+    status 0: a job-wide SIGTERM (as SLURM and the distributed launcher send to the whole process group)
+    reaches the workers together with the training process, which still needs the batches of the
+    iteration it finishes before its checkpoint; exiting at once made it fail with "DataLoader worker
+    exited unexpectedly". The DataLoader's own shutdown (a stop message, then a join) ends them sooner,
+    and a terminate at interpreter exit still ends them within the grace period."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+    def exit_after_grace(signum, frame):
+        signal.signal(signal.SIGALRM, lambda *args: os._exit(0))
+        signal.alarm(WORKER_GRACE_SECONDS)
+
+    signal.signal(signal.SIGTERM, exit_after_grace)
 
 
 def inference_batches(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int,
