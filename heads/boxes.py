@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import clip_boxes_to_image
 
 # Largest log-scale a decoded box may grow by (a box can become at most 1000/16 times its anchor).
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
@@ -58,6 +59,18 @@ class BoxCoder:
         half_h = 0.5 * (torch.exp(dh) * heights)
         boxes = torch.stack((pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h), dim=-1)
         return boxes.flatten(-2)
+
+
+def clip_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``torchvision.ops.clip_boxes_to_image``, except while an ONNX export traces the model: there
+    torchvision clips to ``torch.tensor(height/width)``, which tracing freezes at the example's size;
+    here the traced sizes stay in the graph, so the exported model clips to its input's size."""
+    if not torch.jit.is_tracing():
+        return clip_boxes_to_image(boxes, size)
+    height, width = (torch.as_tensor(s, device=boxes.device).to(boxes.dtype) for s in size)
+    x = boxes[..., 0::2].clamp(min=0).minimum(width)
+    y = boxes[..., 1::2].clamp(min=0).minimum(height)
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
 
 
 def box_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -> torch.Tensor:

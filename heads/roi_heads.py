@@ -15,11 +15,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_area, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
+from torchvision.ops import batched_nms, box_area, box_iou, remove_small_boxes, roi_align
 
 from backbones import ShapeSpec
 
-from .boxes import BoxCoder, Matcher, box_loss, sample_balanced
+from .boxes import BoxCoder, Matcher, box_loss, clip_boxes, sample_balanced
 from .roi_align import sparse_roi_align
 
 
@@ -243,11 +243,11 @@ class RoIHeads(nn.Module):
     ) -> list[dict[str, torch.Tensor]]:
         boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).view(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)
         scores = F.softmax(class_logits, dim=-1)
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # traced sizes in an ONNX export, not constants
         results = []
         for image_boxes, image_scores, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
-            image_boxes = clip_boxes_to_image(image_boxes, size)[:, 1:].reshape(-1, 4)  # drop background
-            labels = torch.arange(1, self.num_classes + 1, device=scores.device).expand(len(image_scores), -1)
+            image_boxes = clip_boxes(image_boxes, size)[:, 1:].reshape(-1, 4)  # drop background
+            labels = torch.arange(1, self.num_classes + 1, device=scores.device).expand(image_scores.shape[0], -1)
             image_scores = image_scores[:, 1:].reshape(-1)
             labels = labels.reshape(-1)
             keep = torch.where(image_scores > self.score_thresh)[0]

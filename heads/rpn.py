@@ -7,12 +7,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import batched_nms, box_iou
 
 from backbones import ShapeSpec
 
 from .anchors import AnchorGenerator
-from .boxes import BoxCoder, Matcher, box_loss, sample_balanced
+from .boxes import BoxCoder, Matcher, box_loss, clip_boxes, sample_balanced
 
 
 class RPNHead(nn.Module):
@@ -109,6 +109,15 @@ def flatten_levels(logits: list[torch.Tensor], deltas: list[torch.Tensor]) -> tu
         flat_logits.append(logit.permute(0, 2, 3, 1).reshape(n, -1))
         flat_deltas.append(delta.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
     return torch.cat(flat_logits, dim=1), torch.cat(flat_deltas, dim=1)
+
+
+def _at_most(count: int, k: int) -> int:
+    """``min(count, k)``. While an ONNX export traces the model, ``count`` (a feature map's size) is a
+    traced value: the minimum is then taken by a graph operation, so that it follows the input's size
+    instead of being frozen at the size of the example the export ran on."""
+    if torch.jit.is_tracing():
+        return torch.clamp(torch.as_tensor(count), max=k)
+    return min(count, k)
 
 
 class RPN(nn.Module):
@@ -216,10 +225,10 @@ class RPN(nn.Module):
         top_indices, top_levels = [], []
         offset = 0
         for level, count in enumerate(per_level):
-            k = min(pre_k, count)
+            k = _at_most(count, pre_k)
             _, index = logits[:, offset : offset + count].topk(k, dim=1)  # (N, k)
             top_indices.append(index + offset)
-            top_levels.append(torch.full((k,), level, dtype=torch.int64, device=boxes.device))
+            top_levels.append(torch.full_like(index[0], level))
             offset += count
         index = torch.cat(top_indices, dim=1)
         levels = torch.cat(top_levels)
@@ -229,7 +238,7 @@ class RPN(nn.Module):
 
         proposals, proposal_logits = [], []
         for image_boxes, image_logits, size in zip(boxes, top_logits, image_sizes):
-            image_boxes = clip_boxes_to_image(image_boxes, size)
+            image_boxes = clip_boxes(image_boxes, size)
             image_scores = torch.sigmoid(image_logits)  # NMS ranks by probability, as torchvision does
             widths, heights = image_boxes[:, 2] - image_boxes[:, 0], image_boxes[:, 3] - image_boxes[:, 1]
             keep = (widths >= self.min_size) & (heights >= self.min_size) & (widths > 0) & (heights > 0)

@@ -28,14 +28,22 @@ def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel
     width = -(-max(w for _, w in sizes) // divisor) * divisor
     batch = torch.zeros((len(images), 3, height, width), device=pixel_mean.device)
     for i, img in enumerate(images):
-        img = img.to(pixel_mean.device, non_blocking=True)
-        if img.dtype == torch.uint8:  # 0..255 kept as it is where the network wants that (no rounding on the way)
-            img = img.float() if input_range == 255 else img.float() / (255 / input_range)
-        else:
-            img = img.float() if input_range == 1 else img.float() * input_range
-        if input_format == "BGR":
-            img = img.flip(0)
-        batch[i, :, : img.shape[-2], : img.shape[-1]] = (img - pixel_mean) / pixel_std
+        batch[i, :, : img.shape[-2], : img.shape[-1]] = normalize_image(img, pixel_mean, pixel_std, input_format,
+                                                                        input_range)
     if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     return batch, sizes
+
+
+def normalize_image(image: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, input_format: str = "RGB",
+                    input_range: float = 1.0) -> torch.Tensor:
+    """One ``(3, H, W)`` RGB image (``uint8`` 0..255 or float 0..1) in the network's convention (see
+    ``batch_images``): float, on the device of ``pixel_mean``."""
+    image = image.to(pixel_mean.device, non_blocking=True)
+    if image.dtype == torch.uint8:  # 0..255 kept as it is where the network wants that (no rounding on the way)
+        image = image.float() if input_range == 255 else image.float() / (255 / input_range)
+    else:
+        image = image.float() if input_range == 1 else image.float() * input_range
+    if input_format == "BGR":
+        image = image.flip(0)
+    return (image - pixel_mean) / pixel_std

@@ -81,10 +81,16 @@ class FasterRCNN(nn.Module):
         detections, _ = self.roi_heads(features, proposals, sizes)
         if original_sizes is not None:
             for det, size, original in zip(detections, sizes, original_sizes):
-                ratio_h, ratio_w = (torch.tensor(o, dtype=torch.float32) / torch.tensor(s, dtype=torch.float32)
-                                    for o, s in zip(original, size))
-                det["boxes"] = det["boxes"] * torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(det["boxes"].device)
+                det["boxes"] = rescale_boxes(det["boxes"], size, original)
         return detections
+
+
+def rescale_boxes(boxes: torch.Tensor, size: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
+    """Boxes ``(D, 4)`` found in an image of ``size`` (h, w), in the pixels of the ``original`` (h, w) it
+    was resized from."""
+    ratio_h, ratio_w = (torch.tensor(o, dtype=torch.float32) / torch.tensor(s, dtype=torch.float32)
+                        for o, s in zip(original, size))
+    return boxes * torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes.device)
 
 
 # Defaults per layout, merged under what a config gives. Values follow torchvision's and detectron2's

@@ -1,0 +1,311 @@
+"""Deployment: a trained detector or segmenter as one ONNX file that runs on ONNX Runtime without the
+training code, and as ``torch.export`` programs (``.pt2``).
+
+The ONNX graph takes one RGB ``uint8`` image ``(3, H, W)`` of any height and width and holds everything
+the PyTorch model does after the test-time resize: normalization, padding to the backbone's size
+divisibility, the backbone, and for a detector the RPN (anchors, top-k, NMS), the RoI heads (RoIAlign,
+box head) and the post-processing (score threshold, small-box removal, per-class NMS, top detections).
+Outputs: ``boxes`` ``(D, 4)`` x1y1x2y2 in the input's pixels, ``scores`` ``(D,)``, ``labels`` ``(D,)``
+(1..K); a segmenter gives ``classes`` ``(H, W)`` (and ``logits`` ``(K, H, W)`` on request). The test
+resize, the classes and the task are recorded in the file's ``metadata_props`` (``METADATA_KEYS``).
+
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It traces the model as it runs
+(the same code as training and evaluation; four lines in ``heads/`` keep sizes traced rather than
+constant) and maps torchvision's ``nms`` and ``roi_align`` to ONNX's ``NonMaxSuppression`` and
+``RoiAlign``. The ``torch.export``-based exporter (``dynamo=True``) needs a graph whose shapes are
+known up to symbols: the detector's shapes depend on the data (boxes kept by a threshold and by NMS), and
+the code branches on them, so it cannot export the whole detector without rewriting its post-processing
+(see ``export_program`` and the README). The backbone (+ FPN) and the segmenter have no such shapes and
+are exported by ``torch.export`` as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backbones.errors import UserError
+
+from .batching import normalize_image
+
+INSTALL_HINT = 'install the export extra: pip install -e ".[export]"'
+DEFAULT_OPSET = 17
+# an example image of this size is traced; the graph takes any size (tests check others)
+EXAMPLE_SIZE = (480, 640)
+METADATA_KEYS = ("resdet.task", "resdet.classes", "resdet.categories", "resdet.min_size_test",
+                 "resdet.max_size_test", "resdet.outputs")
+
+
+def _import(name: str):
+    try:
+        return __import__(name)
+    except ImportError as error:
+        raise UserError(f"{name} is not installed: {INSTALL_HINT}") from error
+
+
+def pad_to_divisibility(image: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Zero-pad ``(C, H, W)`` bottom and right to multiples of ``divisor``, from the image's own (possibly
+    traced) size, as ``batch_images`` pads a batch of one."""
+    if divisor <= 1:
+        return image
+    height, width = image.shape[-2:]
+    return F.pad(image, (0, (divisor - width % divisor) % divisor, 0, (divisor - height % divisor) % divisor))
+
+
+class DetectorGraph(nn.Module):
+    """What is exported of a ``FasterRCNN``: one ``uint8`` image ``(3, H, W)`` -> ``boxes`` ``(D, 4)`` in
+    its pixels, ``scores`` ``(D,)``, ``labels`` ``(D,)``. The model's own modules, called as its
+    ``forward`` calls them on a batch of one."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = self.model
+        size = image.shape[-2:]
+        normalized = normalize_image(image, model.pixel_mean, model.pixel_std, model.input_format, model.input_range)
+        batch = pad_to_divisibility(normalized, model.backbone.size_divisibility)[None]  # (1, 3, H', W')
+        features = model.backbone(batch)
+        proposals, _ = model.rpn(features, [size])
+        (detections,), _ = model.roi_heads(features, proposals, [size])
+        return detections["boxes"], detections["scores"], detections["labels"]
+
+
+class SegmenterGraph(nn.Module):
+    """What is exported of a ``SemanticSegmentor``: one ``uint8`` image ``(3, H, W)`` -> ``classes``
+    ``(H, W)`` (argmax of the logits) and, with ``logits=True``, the logits ``(K, H, W)``."""
+
+    def __init__(self, model: nn.Module, logits: bool = False):
+        super().__init__()
+        self.model, self.logits = model, logits
+
+    def forward(self, image: torch.Tensor):
+        model = self.model
+        height, width = image.shape[-2:]
+        normalized = normalize_image(image, model.pixel_mean, model.pixel_std)
+        batch = pad_to_divisibility(normalized, model.backbone.size_divisibility)[None]
+        scores = F.interpolate(model.head(model.backbone(batch)), size=batch.shape[-2:], mode="bilinear",
+                               align_corners=False)[0, :, :height, :width]  # (K, H, W)
+        classes = scores.argmax(0)
+        return (classes, scores) if self.logits else classes
+
+
+@contextlib.contextmanager
+def _exportable(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode with torchvision's RoIAlign (the sparse CPU one has no ONNX form) for the
+    duration of an export; restored afterwards."""
+    poolers = [m for m in model.modules() if hasattr(m, "impl") and hasattr(m, "sampling_ratio")]
+    saved = [m.impl for m in poolers]
+    was_training = model.training
+    try:
+        for m in poolers:
+            m.impl = "torchvision"
+        yield model.eval()
+    finally:
+        for m, impl in zip(poolers, saved):
+            m.impl = impl
+        model.train(was_training)
+
+
+def export_onnx(model: nn.Module, task: str, path: str | Path, metadata: Mapping[str, Any],
+                opset: int = DEFAULT_OPSET, logits: bool = False) -> Path:
+    """Write ``model`` (a ``FasterRCNN`` for ``task="detection"``, a ``SemanticSegmentor`` for
+    ``"segmentation"``) to ``path`` as an ONNX graph with dynamic height and width, and record
+    ``metadata`` (see ``export_metadata``) in its ``metadata_props``. Checked with ``onnx.checker``."""
+    onnx = _import("onnx")
+    _import("onnxscript")  # torch.onnx needs it, even for the TorchScript-based exporter
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros((3, *EXAMPLE_SIZE), dtype=torch.uint8)
+    device = next(model.parameters()).device
+    if task == "detection":
+        graph: nn.Module = DetectorGraph(model)
+        outputs = ["boxes", "scores", "labels"]
+        dynamic = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in outputs}}
+    elif task == "segmentation":
+        graph = SegmenterGraph(model, logits)
+        outputs = ["classes", "logits"] if logits else ["classes"]
+        dynamic = {"image": {1: "height", 2: "width"}, "classes": {0: "height", 1: "width"},
+                   "logits": {1: "height", 2: "width"}}
+    else:
+        raise UserError(f"cannot export a model of task {task!r}: detection or segmentation")
+    with _exportable(model), torch.no_grad(), _quiet_tracing():
+        torch.onnx.export(graph, (example.to(device),), str(path), dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=outputs,
+                          dynamic_axes={k: v for k, v in dynamic.items() if k in ["image", *outputs]})
+    proto = onnx.load(str(path))
+    proto.doc_string = f"resdet {task} model: input 'image' uint8 (3, H, W) RGB, outputs {', '.join(outputs)}"
+    props = {**{k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()},
+             "resdet.task": task, "resdet.outputs": json.dumps(outputs)}
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Tracing warns about every Python value it freezes; those the export relies on are the model's
+    settings (thresholds, top-k), which are meant to be constants."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        yield
+
+
+def export_metadata(min_size_test: int, max_size_test: int, classes: Mapping[int, str],
+                    categories: Mapping[int, int] | None = None) -> dict[str, Any]:
+    """The metadata an exported file carries: the test resize (shorter side ``min_size_test``, longer at
+    most ``max_size_test``, applied before the graph), ``classes`` (label -> name) and, for a detector,
+    ``categories`` (label -> COCO category id, for ``predictions.json``)."""
+    metadata: dict[str, Any] = {"resdet.min_size_test": int(min_size_test), "resdet.max_size_test": int(max_size_test),
+                                "resdet.classes": {str(k): v for k, v in classes.items()}}
+    if categories is not None:
+        metadata["resdet.categories"] = {str(k): int(v) for k, v in categories.items()}
+    return metadata
+
+
+class OnnxModel(nn.Module):
+    """An exported file on an ONNX Runtime session, with the metadata it records. The subclasses are
+    called like the PyTorch models they replace (``OnnxDetector`` like ``FasterRCNN`` in eval mode,
+    ``OnnxSegmenter`` like ``SemanticSegmentor``), so the tools run either through the same code."""
+
+    def __init__(self, path: str | Path, task: str | None = None, threads: int = 0):
+        super().__init__()
+        onnx = _import("onnx")
+        ort = _import("onnxruntime")
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"ONNX model not found: {path}")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+            if not proto.graph.node:
+                raise ValueError("the file holds no graph")
+        except Exception as error:  # onnx raises DecodeError / ValueError / onnx's own errors
+            raise UserError(f"{path} is not an ONNX model ({' '.join(str(error).split()) or type(error).__name__}); "
+                            "give a file written by tools/export.py") from error
+        self.path = path
+        self.metadata = {p.key: p.value for p in proto.metadata_props}
+        file_task = self.metadata.get("resdet.task")
+        if file_task is None:
+            raise UserError(f"{path} is an ONNX model without resdet metadata (resdet.task): export it with "
+                            "tools/export.py")
+        if task is not None and file_task != task:
+            raise UserError(f"{path} is a {file_task} model but the config's task is {task}: give a {task} model "
+                            "or the config it was exported from")
+        self.task = file_task
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.classes = {int(k): v for k, v in json.loads(self.metadata.get("resdet.classes", "{}")).items()}
+        self.min_size_test = int(self.metadata.get("resdet.min_size_test", 0))
+        self.max_size_test = int(self.metadata.get("resdet.max_size_test", 0))
+
+    def run(self, image: torch.Tensor, index: int = 0) -> dict[str, torch.Tensor]:
+        """The graph's outputs for one ``uint8`` ``(3, H, W)`` image, by name."""
+        if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[-2:]) == 0:
+            raise UserError(f"image {index} of the batch has shape {tuple(image.shape)}: {self.path} takes RGB images "
+                            "(3, H, W) with H, W >= 1")
+        if image.dtype != torch.uint8:
+            raise UserError(f"image {index} of the batch is {image.dtype}: {self.path} takes uint8 images (0..255)")
+        values = self.session.run(None, {"image": image.cpu().contiguous().numpy()})
+        return {name: torch.from_numpy(value) for name, value in zip(self.outputs, values)}
+
+
+class OnnxDetector(OnnxModel):
+    """An exported detector, called as ``FasterRCNN`` in eval mode: ``(images, original_sizes=None)`` ->
+    per image ``{"boxes", "scores", "labels"}``, boxes rescaled to ``original_sizes`` when given."""
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        super().__init__(path, "detection", threads)
+        self.categories = {int(k): int(v) for k, v in json.loads(self.metadata.get("resdet.categories", "{}")).items()}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def forward(self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]] | None = None):
+        from .detection.model import rescale_boxes
+
+        detections = []
+        for index, image in enumerate(images):
+            found = self.run(image, index)
+            if original_sizes is not None:
+                found["boxes"] = rescale_boxes(found["boxes"], tuple(image.shape[-2:]), original_sizes[index])
+            detections.append(found)
+        return detections
+
+
+class OnnxSegmenter(OnnxModel):
+    """An exported segmenter, called as ``SemanticSegmentor`` in eval mode: ``images`` -> per image logits
+    ``(K, H, W)``. A file exported without logits gives the one-hot encoding of its class map instead
+    (so that resizing and argmax downstream reproduce the class map, resized)."""
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        super().__init__(path, "segmentation", threads)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def forward(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        results = []
+        for index, image in enumerate(images):
+            out = self.run(image, index)
+            if "logits" in out:
+                results.append(out["logits"])
+            else:
+                results.append(F.one_hot(out["classes"], self.num_classes).permute(2, 0, 1).float())
+        return results
+
+
+def load_onnx(path: str | Path, task: str, threads: int = 0) -> OnnxModel:
+    """``OnnxDetector`` or ``OnnxSegmenter`` for a file exported by ``export_onnx``; a ``UserError`` for a
+    file that is not one or holds a model of another task."""
+    return OnnxDetector(path, threads) if task == "detection" else OnnxSegmenter(path, threads)
+
+
+def export_program(model: nn.Module, task: str, path: str | Path) -> Path:
+    """``torch.export`` of the part of ``model`` whose shapes are symbolic in the image's height and width,
+    saved as an ``ExportedProgram`` (``torch.export.load``). Segmentation: the whole ``SegmenterGraph``
+    (image -> class map). Detection: the backbone (with its FPN) on a normalized, padded batch ``(1, 3, H,
+    W)`` (H, W multiples of its size divisibility) -> its feature maps. The rest of a detector keeps boxes
+    selected by thresholds and NMS, whose counts depend on the data; ``torch.export`` needs every such
+    count bounded and every branch on it removed, which the RPN and the RoI heads (shared with training)
+    do not provide."""
+    from torch.export import Dim
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exportable(model), torch.no_grad():
+        device = next(model.parameters()).device
+        divisor = max(model.backbone.size_divisibility, 1)
+        if task == "segmentation":
+            example = (torch.zeros((3, *EXAMPLE_SIZE), dtype=torch.uint8, device=device),)
+            shapes = ({1: Dim("height", min=divisor, max=4096), 2: Dim("width", min=divisor, max=4096)},)
+            program = torch.export.export(SegmenterGraph(model), example, dynamic_shapes=shapes)
+        elif task == "detection":
+            height = -(-EXAMPLE_SIZE[0] // divisor) * divisor
+            width = -(-EXAMPLE_SIZE[1] // divisor) * divisor
+            example = (torch.zeros((1, 3, height, width), device=device),)
+            steps_h, steps_w = Dim("height_steps", min=1, max=4096 // divisor), Dim("width_steps", min=1, max=4096 // divisor)
+            shapes = ({2: divisor * steps_h, 3: divisor * steps_w},)
+            program = torch.export.export(model.backbone, example, dynamic_shapes=shapes)
+        else:
+            raise UserError(f"cannot export a model of task {task!r}: detection or segmentation")
+    torch.export.save(program, str(path))
+    return path
