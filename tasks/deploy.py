@@ -273,6 +273,11 @@ class OnnxSegmenter(OnnxModel):
         return results
 
 
+def is_onnx(weights: str | Path) -> bool:
+    """Whether ``weights`` names an exported ONNX file (by its suffix), which runs on ONNX Runtime."""
+    return isinstance(weights, Path | str) and str(weights).lower().endswith(".onnx")
+
+
 def load_onnx(path: str | Path, task: str, threads: int = 0) -> OnnxModel:
     """``OnnxDetector`` or ``OnnxSegmenter`` for a file exported by ``export_onnx``; a ``UserError`` for a
     file that is not one or holds a model of another task."""
@@ -296,7 +301,8 @@ def export_program(model: nn.Module, task: str, path: str | Path) -> Path:
         divisor = max(model.backbone.size_divisibility, 1)
         if task == "segmentation":
             example = (torch.zeros((3, *EXAMPLE_SIZE), dtype=torch.uint8, device=device),)
-            shapes = ({1: Dim("height", min=divisor, max=4096), 2: Dim("width", min=divisor, max=4096)},)
+            smallest = max(64, 2 * divisor)  # smaller images would make maps of one pixel, a special case
+            shapes = ({1: Dim("height", min=smallest, max=4096), 2: Dim("width", min=smallest, max=4096)},)
             program = torch.export.export(SegmenterGraph(model), example, dynamic_shapes=shapes)
         elif task == "detection":
             height = -(-EXAMPLE_SIZE[0] // divisor) * divisor
@@ -309,3 +315,21 @@ def export_program(model: nn.Module, task: str, path: str | Path) -> Path:
             raise UserError(f"cannot export a model of task {task!r}: detection or segmentation")
     torch.export.save(program, str(path))
     return path
+
+
+def onnx_runner(model: nn.Module, config, mode: str, weights: str | Path | None = None) -> OnnxModel:
+    """The ONNX Runtime side of ``tools/benchmark.py --compare onnxruntime``: ``weights`` (an exported
+    file) or else ``model`` itself, exported to a temporary file (the same weights on both sides)."""
+    import tempfile
+
+    if mode != "infer":
+        raise UserError(f"--compare onnxruntime measures inference: use --mode infer, not --mode {mode}")
+    if weights is not None:
+        return load_onnx(weights, config.task)
+    num_classes = model.num_classes
+    first = 1 if config.task == "detection" else 0
+    metadata = export_metadata(config.data.min_size_test, config.data.max_size_test,
+                               {k: f"class {k}" for k in range(first, num_classes + first)})
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_onnx(model, config.task, Path(folder) / "model.onnx", metadata)
+        return load_onnx(path, config.task)  # the session holds the graph; the file can go

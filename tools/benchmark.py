@@ -1,6 +1,6 @@
 """Speed and memory of a config's model, optionally side by side with torchvision's equivalent detector.
 
-    python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision] [--device cpu|cuda]
+    python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision|onnxruntime] [--weights FILE.onnx] [--device cpu|cuda]
         [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
         [--output FILE.json] [--cpu-allocator default|retain] [key=value ...]
     python tools/benchmark.py --mode eval [--images 5000] [--per-image 100] [--output FILE.json]
@@ -15,7 +15,9 @@ and GFLOPs (multiply-adds x 2 of one forward in eval mode on a blank image; the 
 how many proposals survive NMS). With ``--compare torchvision`` both models run
 in the same process on the same inputs, alternating iteration by iteration, and ``time_ratio`` and
 ``memory_ratio`` (ours / theirs) are reported; torchvision's side is assembled to the config's layout (FPN,
-C4 or DC5), depth and settings (``torchvision_detector``). Pretrained weights are not loaded: both models
+C4 or DC5), depth and settings (``torchvision_detector``). ``--compare onnxruntime`` (infer) runs our model
+exported to ONNX in this run (``--weights FILE.onnx``: that file instead) on ONNX Runtime, ``time_ratio`` =
+ours / ONNX Runtime. Pretrained weights are not loaded: both models
 start from random weights. ``--cpu-allocator retain`` makes glibc keep freed memory
 for reuse, which takes page-fault time (and its dependence on the other model) out of CPU figures.
 
@@ -133,7 +135,8 @@ class Runner:
                  torchvision_api: bool):
         self.name, self.model, self.mode, self.device = name, model.to(device), mode, device
         self.autocast_dtype, self.torchvision_api = autocast_dtype, torchvision_api
-        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trainable, lr=1e-4, momentum=0.9) if trainable else None  # None: ONNX Runtime
         self.times: list[float] = []
         self.peak = 0
 
@@ -164,7 +167,8 @@ class Runner:
         """Bytes this model keeps between steps: parameters, buffers, gradients and optimizer state."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
         tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
-        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        tensors += [t for state in (self.optimizer.state.values() if self.optimizer else []) for t in state.values()
+                    if torch.is_tensor(t)]
         return sum(t.numel() * t.element_size() for t in tensors if t.device.type == self.device.type)
 
     def timed_step(self, images, targets) -> None:
@@ -238,6 +242,11 @@ def benchmark_models(args, config) -> dict:
         if config.task != "detection":
             raise UserError("--compare torchvision is implemented for detection configs")
         runners.append(Runner("torchvision", torchvision_detector(config, height, width), args.mode, device, autocast_dtype, True))
+    if args.compare == "onnxruntime":  # the same model exported (or --weights FILE.onnx), run on ONNX Runtime
+        from tasks.deploy import onnx_runner
+
+        runners.append(Runner("onnxruntime", onnx_runner(runners[0].model, config, args.mode, args.weights),
+                              args.mode, device, None, False))
     images, targets = synthetic_batch(args.batch_size, height, width, config.model.get("num_classes", 80))
     for runner in runners:  # warm-up, then alternate the models iteration by iteration
         for _ in range(args.warmup):
@@ -251,15 +260,15 @@ def benchmark_models(args, config) -> dict:
     if device.type == "cpu":
         # process RSS only grows: the peak seen after each model's first timed step is attributed to it
         results["ours"]["peak_rss_bytes"] = rss.get("ours")
-        if "torchvision" in results:
-            results["torchvision"]["peak_rss_bytes"] = rss.get("torchvision")
-    if "torchvision" in results:
-        ours, theirs = results["ours"], results["torchvision"]
+        if args.compare in results:
+            results[args.compare]["peak_rss_bytes"] = rss.get(args.compare)
+    if args.compare in results:
+        ours, theirs = results["ours"], results[args.compare]
         results["time_ratio"] = ours["seconds_per_iteration"] / theirs["seconds_per_iteration"]
         key = "peak_memory_bytes" if device.type == "cuda" else None
         results["memory_ratio"] = ours[key] / theirs[key] if key else None
-        results["same_parameters"] = ours["parameters"] == theirs["parameters"]
-        if not results["same_parameters"]:  # e.g. a narrower FPN or fc head than torchvision builds
+        results["same_parameters"] = ours["parameters"] == theirs["parameters"] if args.compare == "torchvision" else None
+        if results["same_parameters"] is False:  # e.g. a narrower FPN or fc head than torchvision builds
             print(f"warning: torchvision's side has {theirs['parameters']:,} parameters, ours {ours['parameters']:,}: "
                   "it does not mirror this config's architecture, the ratios compare different models", file=sys.stderr)
     return results
@@ -362,7 +371,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--mode", choices=["train", "infer", "data", "eval"], default="train")
     parser.add_argument("--images", type=int, default=5000, help="eval: images of the synthetic set (COCO val: 5000)")
     parser.add_argument("--per-image", type=int, default=100, help="eval: detections an image")
-    parser.add_argument("--compare", choices=["torchvision"])
+    parser.add_argument("--compare", choices=["torchvision", "onnxruntime"])
+    parser.add_argument("--weights", help="--compare onnxruntime: the exported .onnx file to run (default: ours, "
+                                          "exported in this run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--size", default="800x1088")

@@ -7,6 +7,9 @@ list of ``{"file_name", "image_id", "category_id", "bbox": [x, y, w, h], "score"
 image's pixels (``image_id``: the file's numeric stem, as COCO names files, else its index).
 Segmentation writes ``DIR/<image stem>.png`` (the class map as a coloured overlay with a legend) and
 ``DIR/<image stem>_labels.png`` (8-bit, one channel: the class index of every pixel, at the image's size).
+
+``--weights model.onnx`` (a file written by tools/export.py) runs the exported model on ONNX Runtime
+instead, through the same resize, post-processing and writing.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from backbones.errors import UserError, UserFileNotFoundError
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_run, resolve_path
+from tasks.deploy import is_onnx, load_onnx
 from tasks.detection import build_detector
 from tasks.detection.checkpoint import load_detector_weights
 from tasks.detection.data import load_coco
@@ -66,6 +70,23 @@ def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[in
     return ({i + 1: c["id"] for i, c in enumerate(categories)}, {i + 1: c["name"] for i, c in enumerate(categories)})
 
 
+def segmentation_names(config, run_dir: Path | None, num_classes: int) -> list[str]:
+    """The name of each class index (0: background) of a segmenter: the run's categories.json, the VOC
+    names for ``data.class_set=voc20``, else ``class k``."""
+    if run_dir is not None and (run_dir / "categories.json").is_file():
+        names = [c["name"] for c in json.loads((run_dir / "categories.json").read_text())]
+    elif config.data.class_set == "voc20":
+        from tasks.segmentation.data import VOC20_COCO_IDS
+
+        names = ["background"] + [COCO_CATEGORIES[c] for c in VOC20_COCO_IDS]
+    else:
+        names = [f"class {k}" for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise UserError(f"the model has {num_classes} classes (background included) but the class names "
+                        f"have {len(names)}: set model.num_classes or data.class_set to match")
+    return names
+
+
 def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args: argparse.Namespace, output: Path) -> int:
     """The segmentation branch of ``main``."""
     import numpy as np
@@ -76,20 +97,13 @@ def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args
     from tasks.segmentation.task import SegmentationTask
 
     task = SegmentationTask()
-    model = task.build_model(config, init_weights=False)
-    task.load_weights(model, weights)
-    model.to(args.device).eval()
-    if run_dir is not None and (run_dir / "categories.json").is_file():
-        names = [c["name"] for c in json.loads((run_dir / "categories.json").read_text())]
-    elif config.data.class_set == "voc20":
-        from tasks.segmentation.data import VOC20_COCO_IDS
-
-        names = ["background"] + [COCO_CATEGORIES[c] for c in VOC20_COCO_IDS]
+    if is_onnx(weights):
+        model = load_onnx(weights, config.task)
     else:
-        names = [f"class {k}" for k in range(model.num_classes)]
-    if len(names) != model.num_classes:
-        raise UserError(f"the model has {model.num_classes} classes (background included) but the class names "
-                        f"have {len(names)}: set model.num_classes or data.class_set to match")
+        model = task.build_model(config, init_weights=False)
+        task.load_weights(model, weights)
+    model.to(args.device).eval()
+    names = segmentation_names(config, run_dir, model.num_classes)
     resize = ShortestEdgeResize([config.data.min_size_test], config.data.max_size_test)
     for path in files:
         (image,) = load_images([path])
@@ -125,8 +139,11 @@ def main(argv: list[str]) -> int:
     output.mkdir(parents=True, exist_ok=True)
     if config.task == "segmentation":
         return segment(config, run_dir, weights, files, args, output)
-    model = build_detector(config.model, init_weights=False)  # the checkpoint replaces the initialisation
-    load_detector_weights(model, weights)
+    if is_onnx(weights):
+        model = load_onnx(weights, config.task)
+    else:
+        model = build_detector(config.model, init_weights=False)  # the checkpoint replaces the initialisation
+        load_detector_weights(model, weights)
     label_to_category, names = label_names(config, run_dir, model.num_classes)
     predictor = DetectionPredictor(model, config.data.min_size_test, config.data.max_size_test, args.device)
 

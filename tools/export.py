@@ -1,0 +1,77 @@
+"""Export a trained detector or segmenter for deployment: one ONNX file, or ``torch.export`` programs.
+
+    python tools/export.py CONFIG_OR_RUN_DIR [--weights FILE_OR_NAME] --output model.onnx [--opset N] [--logits]
+    python tools/export.py CONFIG_OR_RUN_DIR [--weights FILE_OR_NAME] --output model.pt2 --format pt2 [key=value ...]
+
+onnx (the default): the whole model in one graph (normalization, padding, backbone, for a detector the RPN,
+the RoI heads and the post-processing with NMS) for one RGB uint8 image ``(3, H, W)`` of any size, at the
+test scale the metadata records (``resdet.min_size_test``, ``resdet.max_size_test``: the resize is the
+caller's). Outputs ``boxes``, ``scores``, ``labels`` (detection) or ``classes`` (+ ``logits`` with
+``--logits``, segmentation); the classes and the task are in its metadata too. Run it with
+``tools/infer.py CONFIG --weights model.onnx`` or any ONNX Runtime. Needs ``pip install -e ".[export]"``.
+pt2: ``torch.export`` of the segmenter (image -> class map) or of the detector's backbone with its FPN
+(normalized padded batch -> feature maps); see ``tasks/deploy.py: export_program``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tasks.cli import DEBUG_HELP, tool
+from tasks.config import load_run
+from tasks.deploy import DEFAULT_OPSET, export_metadata, export_onnx, export_program
+from tasks.tasks import get_task, prepare_config
+
+try:
+    from tools.infer import label_names, segmentation_names
+except ModuleNotFoundError:  # run as a script (python tools/export.py): tools/ itself is on sys.path
+    from infer import label_names, segmentation_names
+
+
+@tool
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="a config file, or a run folder holding config.yaml and model.safetensors")
+    parser.add_argument("--weights", help="checkpoint file or name (as tools/infer.py takes); default: the run's")
+    parser.add_argument("--output", required=True, help="the file to write (.onnx, or .pt2 with --format pt2)")
+    parser.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (at least 16: RoIAlign's "
+                                                                         "half-pixel alignment)")
+    parser.add_argument("--logits", action="store_true", help="segmentation: also output the logits (K, H, W)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    args = parser.parse_intermixed_args(argv)
+
+    config, run_dir, weights = load_run(args.config, args.weights, args.overrides)
+    config = prepare_config(config)
+    task = get_task(config.task)
+    model = task.build_model(config, init_weights=False)  # the checkpoint replaces the initialisation
+    task.load_weights(model, weights)
+    model.eval()
+    output = Path(args.output)
+    if args.format == "pt2":
+        export_program(model, config.task, output)
+        print(f"wrote {output} (torch.export.load it)")
+        return 0
+    if args.opset < 16:
+        from backbones.errors import UserError
+
+        raise UserError(f"--opset {args.opset}: the graph needs opset 16 or later (RoIAlign with half-pixel "
+                        "alignment)")
+    if config.task == "detection":
+        categories, names = label_names(config, run_dir, model.num_classes)
+        metadata = export_metadata(config.data.min_size_test, config.data.max_size_test,
+                                   {label: names.get(category, str(category)) if config.data.label_map == "coco_id"
+                                    else names[label] for label, category in categories.items()}, categories)
+    else:
+        names = segmentation_names(config, run_dir, model.num_classes)
+        metadata = export_metadata(config.data.min_size_test, config.data.max_size_test, dict(enumerate(names)))
+    export_onnx(model, config.task, output, metadata, args.opset, args.logits)
+    print(f"wrote {output} ({config.task}, opset {args.opset}; run it with tools/infer.py CONFIG --weights {output})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
