@@ -9,14 +9,16 @@ Outputs: ``boxes`` ``(D, 4)`` x1y1x2y2 in the input's pixels, ``scores`` ``(D,)`
 (1..K); a segmenter gives ``classes`` ``(H, W)`` (and ``logits`` ``(K, H, W)`` on request). The test
 resize, the classes and the task are recorded in the file's ``metadata_props`` (``METADATA_KEYS``).
 
-Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It traces the model as it runs
-(the same code as training and evaluation; four lines in ``heads/`` keep sizes traced rather than
-constant) and maps torchvision's ``nms`` and ``roi_align`` to ONNX's ``NonMaxSuppression`` and
-``RoiAlign``. The ``torch.export``-based exporter (``dynamo=True``) needs a graph whose shapes are
-known up to symbols: the detector's shapes depend on the data (boxes kept by a threshold and by NMS), and
-the code branches on them, so it cannot export the whole detector without rewriting its post-processing
-(see ``export_program`` and the README). The backbone (+ FPN) and the segmenter have no such shapes and
-are exported by ``torch.export`` as well.
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It traces the model's own
+modules as they run (no second implementation to keep equal; where the heads compute a size from the
+input, the RPN's per-level top-k count, box clipping and the per-image split, they keep it traced so
+that it is not frozen at the example's size) and maps torchvision's ``nms`` and ``roi_align`` to ONNX's
+``NonMaxSuppression`` and ``RoiAlign``. The ``torch.export``-based exporter (``dynamo=True``) cannot take
+the whole detector: ``torch.export`` first stops at the anchor generator's cache, keyed by the feature
+maps' sizes (symbols there: "unhashable type: non-nested SymInt"), and past it at torchvision's
+``batched_nms``, which branches on the number of boxes kept by the score and size filters, a count that
+depends on the data ("Could not guard on data-dependent expression"). The backbone (+ FPN) and the
+segmenter have no such counts and are exported by ``torch.export`` as well (``export_program``).
 """
 
 from __future__ import annotations

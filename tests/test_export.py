@@ -119,7 +119,7 @@ def test_onnx_errors(exported, tmp_path):
     assert detector.classes == {k: f"class {k}" for k in range(1, 6)} and detector.categories == {k: k for k in range(1, 6)}
 
 
-def test_export_and_infer_tools_on_grayscale_and_cmyk_photos(shapes, tmp_path, capsys):
+def test_export_and_infer_tools_on_grayscale_and_cmyk_photos(exported, shapes, tmp_path, capsys):
     """tools/export.py writes the file; tools/infer.py gives the same predictions.json from it as from the
     checkpoint, on a grayscale and a CMYK JPEG; bad files are one-line errors."""
     from tools.export import main as export_main
@@ -155,11 +155,8 @@ def test_export_and_infer_tools_on_grayscale_and_cmyk_photos(shapes, tmp_path, c
         assert abs(a["score"] - b["score"]) <= 1e-4 and np.allclose(a["bbox"], b["bbox"], atol=0.01)
 
     capsys.readouterr()
-    segmenter_file = tmp_path / "fcn.onnx"
-    export_onnx(build_segmenter({"num_classes": 3, "backbone": {"name": "resnet", "depth": 18}}, init_weights=False),
-                "segmentation", segmenter_file, export_metadata(64, 96, {0: "background", 1: "a", 2: "b"}))
     (tmp_path / "notes.onnx").write_text("not a model")
-    for weights, message in ((segmenter_file, "is a segmentation model but the config's task is detection"),
+    for weights, message in ((exported["fcn"][1].path, "is a segmentation model but the config's task is detection"),
                              (tmp_path / "notes.onnx", "notes.onnx is not an ONNX model")):
         assert infer([quickstart, "--weights", weights, "--input", images, "--output", tmp_path / "bad",
                       *overrides]) == 2
