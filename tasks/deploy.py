@@ -103,7 +103,9 @@ class SegmenterGraph(nn.Module):
 def _exportable(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode with torchvision's RoIAlign (the sparse CPU one has no ONNX form) for the
     duration of an export; restored afterwards."""
-    poolers = [m for m in model.modules() if hasattr(m, "impl") and hasattr(m, "sampling_ratio")]
+    from heads import RoIPooler
+
+    poolers = [m for m in model.modules() if isinstance(m, RoIPooler)]
     saved = [m.impl for m in poolers]
     was_training = model.training
     try:

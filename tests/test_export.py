@@ -182,3 +182,20 @@ def test_torch_export_programs(exported, tmp_path):
     assert set(features) == set(reference)
     for name in reference:
         torch.testing.assert_close(features[name], reference[name], rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_compares_with_onnxruntime(exported, tmp_path, capsys):
+    """``--compare onnxruntime`` times our model and its export (made in the run, or a given file) side by
+    side; training cannot be compared."""
+    from tools.benchmark import main as benchmark
+
+    quickstart = str(ROOT / "configs" / "quickstart.yaml")
+    common = ["--mode", "infer", "--compare", "onnxruntime", "--device", "cpu", "--batch-size", "1", "--size", "96x128",
+              "--iters", "1", "--warmup", "0"]
+    assert benchmark([quickstart, *common, "--output", str(tmp_path / "b.json")]) == 0
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert results["time_ratio"] == results["ours"]["seconds_per_iteration"] / results["onnxruntime"]["seconds_per_iteration"]
+    assert benchmark([quickstart, *common, "--weights", str(exported["fcn"][1].path)]) == 2
+    assert "is a segmentation model but the config's task is detection" in capsys.readouterr().err
+    assert benchmark([quickstart, *common[:-6], "--mode", "train"]) == 2
+    assert "--compare onnxruntime measures inference" in capsys.readouterr().err

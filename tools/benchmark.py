@@ -1,6 +1,7 @@
 """Speed and memory of a config's model, optionally side by side with torchvision's equivalent detector.
 
-    python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision|onnxruntime] [--weights FILE.onnx] [--device cpu|cuda]
+    python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision|onnxruntime [--weights FILE.onnx]]
+        [--device cpu|cuda]
         [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
         [--output FILE.json] [--cpu-allocator default|retain] [key=value ...]
     python tools/benchmark.py --mode eval [--images 5000] [--per-image 100] [--output FILE.json]

@@ -61,10 +61,10 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--opset {args.opset}: the graph needs opset 16 or later (RoIAlign with half-pixel "
                         "alignment)")
     if config.task == "detection":
-        categories, names = label_names(config, run_dir, model.num_classes)
-        metadata = export_metadata(config.data.min_size_test, config.data.max_size_test,
-                                   {label: names.get(category, str(category)) if config.data.label_map == "coco_id"
-                                    else names[label] for label, category in categories.items()}, categories)
+        categories, names = label_names(config, run_dir, model.num_classes)  # names by category id for coco_id
+        by_id = config.data.label_map == "coco_id"
+        classes = {label: names.get(category if by_id else label, f"class {label}") for label, category in categories.items()}
+        metadata = export_metadata(config.data.min_size_test, config.data.max_size_test, classes, categories)
     else:
         names = segmentation_names(config, run_dir, model.num_classes)
         metadata = export_metadata(config.data.min_size_test, config.data.max_size_test, dict(enumerate(names)))
