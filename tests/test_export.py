@@ -199,3 +199,28 @@ def test_benchmark_compares_with_onnxruntime(exported, tmp_path, capsys):
     assert "is a segmentation model but the config's task is detection" in capsys.readouterr().err
     assert benchmark([quickstart, *common[:-6], "--mode", "train"]) == 2
     assert "--compare onnxruntime measures inference" in capsys.readouterr().err
+
+
+def test_infer_tool_on_an_exported_segmenter_writes_the_same_class_maps(tmp_path):
+    """tools/export.py --logits, then tools/infer.py: the label PNGs from the ONNX file equal (>= 99.9% of
+    pixels) those from the checkpoint, at the photos' own sizes."""
+    from tools.export import main as export
+    from tools.infer import main as infer
+
+    config_file = str(ROOT / "configs" / "quickstart_fcn.yaml")
+    overrides = ["data.min_size_test=96", "data.max_size_test=128"]
+    config = prepare_config(load_config(config_file, overrides))
+    torch.manual_seed(0)
+    model = get_task("segmentation").build_model(config, init_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "fcn.safetensors"))
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(PHOTOS[3]).convert("CMYK").save(images / "cmyk.jpg")
+    assert export([config_file, "--weights", str(tmp_path / "fcn.safetensors"), "--output", str(tmp_path / "fcn.onnx"),
+                   "--logits", *overrides]) == 0
+    for weights in ("fcn.safetensors", "fcn.onnx"):
+        assert infer([config_file, "--weights", str(tmp_path / weights), "--input", str(images), "--output",
+                      str(tmp_path / f"out_{weights}"), *overrides]) == 0
+    ours, onnx = (np.array(Image.open(tmp_path / f"out_{w}" / "cmyk_labels.png")) for w in ("fcn.safetensors", "fcn.onnx"))
+    assert ours.shape == onnx.shape == Image.open(PHOTOS[3]).size[::-1]
+    assert (ours == onnx).mean() >= 0.999 and len(np.unique(ours)) > 1
