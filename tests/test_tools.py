@@ -328,7 +328,7 @@ def test_non_finite_boxes_are_dropped_and_counted(shapes, tmp_path):
     (tmp_path / "ann.json").write_text(json.dumps(raw))
     dataset = CocoDetection(tmp_path / "ann.json", shapes / "val2017")
     assert dataset.dropped["boxes with non-finite coordinates"] == 2
-    assert all(np.isfinite(r.boxes).all() for r in dataset.records)
+    assert all(np.isfinite(dataset.record(i).boxes).all() for i in range(len(dataset)))
 
 
 def test_prepare_config_reads_no_weights_and_no_data(tmp_path, monkeypatch):
