@@ -1,5 +1,5 @@
-"""COCO detection data: ``instances_*.json`` + an image folder, read with pycocotools, augmented with
-albumentations (boxes move with the image)."""
+"""COCO detection data: ``instances_*.json`` + an image folder, held as a ``CocoTable`` (numpy columns;
+pycocotools' index only for evaluation), augmented with albumentations (boxes move with the image)."""
 
 from __future__ import annotations
 

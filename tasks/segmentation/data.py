@@ -1,4 +1,5 @@
-"""COCO semantic segmentation data built from ``instances_*.json`` with pycocotools (polygons and RLE)."""
+"""COCO semantic segmentation data built from ``instances_*.json``: polygons and RLEs held packed in a
+``CocoTable``, drawn with pycocotools' mask functions when an image is read."""
 
 from __future__ import annotations
 
