@@ -135,7 +135,14 @@ import socket
 def _blocked(*args, **kwargs):
     raise OSError("network access blocked by the test")
 
-socket.socket.connect = _blocked
+_connect = socket.socket.connect
+
+def _local_only(self, address):  # DataLoader workers hand tensors over through Unix sockets
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _blocked()
+    return _connect(self, address)
+
+socket.socket.connect = _local_only
 socket.create_connection = _blocked
 """
 
