@@ -269,27 +269,27 @@ def benchmark_models(args, config) -> dict:
     return results
 
 
-def private_dirty_bytes() -> int | None:
-    """Memory this process has written to and so owns alone (``Private_Dirty`` of ``/proc/self/smaps_rollup``):
-    in a forked worker, what it has copied from its parent. ``None`` off Linux."""
+def proc_bytes(table: str, key: str) -> int | None:
+    """A memory figure of this process from ``/proc/self/<table>`` (``key: N kB``), in bytes; ``None`` off
+    Linux."""
     try:
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            if line.startswith("Private_Dirty:"):
+        for line in Path("/proc/self", table).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def private_dirty_bytes() -> int | None:
+    """Memory this process has written to and so owns alone (``Private_Dirty``): in a forked worker, what
+    it has copied from its parent."""
+    return proc_bytes("smaps_rollup", "Private_Dirty")
 
 
 def current_rss_bytes() -> int | None:
-    """The process's resident memory now (``VmRSS``); ``None`` off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """The process's resident memory now (``VmRSS``)."""
+    return proc_bytes("status", "VmRSS")
 
 
 def worker_copy_bytes() -> int | None:
