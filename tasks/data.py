@@ -98,6 +98,24 @@ def worker_leaves_stops_to_its_process(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, exit_after_grace)
 
 
+class ImageFiles(Dataset):
+    """Image files to run a model on: item ``i`` is ``(i, image, resized)``, the file decoded (RGB ``uint8``
+    tensor ``(H, W, 3)``, for drawing) and resized to the test scale (shorter side ``min_size``, longer at
+    most ``max_size``; ``uint8`` ``(3, h, w)``, the model's input)."""
+
+    def __init__(self, files: Sequence[Path], min_size: int, max_size: int):
+        self.files = list(files)
+        self.resize = ShortestEdgeResize([min_size], max_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        image = read_image(self.files[index])
+        resized = np.ascontiguousarray(self.resize(image=image)["image"])
+        return index, torch.from_numpy(image), torch.from_numpy(resized).permute(2, 0, 1)
+
+
 def inference_batches(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int,
                       progress: bool = False, desc: str = "eval") -> Iterator[list]:
     """The items ``indices`` of ``dataset``, in order, as lists of ``batch_size``: read, decoded and resized

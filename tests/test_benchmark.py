@@ -50,7 +50,21 @@ def test_data_mode(tmp_path):
     assert main([str(ROOT / "configs" / "frcnn_r50.yaml"), "--mode", "data", f"data.root={TINYCOCO}",
                  "data.train.images=images/train2017", "data.num_workers=0", "--batch-size", "2", "--iters", "3",
                  "--warmup", "1", "--output", str(out)]) == 0
-    assert json.loads(out.read_text())["results"]["images_per_second"] > 0
+    results = json.loads(out.read_text())["results"]
+    assert results["images_per_second"] > 0 and 0 < results["images"] <= 32 and results["build_seconds"] > 0
+    assert results["process_bytes_added"] is not None and results["worker_copy_bytes"] is not None
+
+
+def test_data_mode_on_a_synthetic_coco_train_file(tmp_path):
+    """The generated annotation file has COCO's shape (polygons, crowd RLEs): the segmentation dataset,
+    which keeps them, builds from it."""
+    out = tmp_path / "data.json"
+    assert main([str(ROOT / "configs" / "fcn_r50.yaml"), "--mode", "data", "--synthetic-coco-train", "300",
+                 "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["synthetic_annotations"]["images"] == 300
+    assert 1500 < results["synthetic_annotations"]["annotations"] < 2700
+    assert 0 < results["images"] <= 300 and "images_per_second" not in results
 
 
 def test_state_bytes_counts_parameters_gradients_and_optimizer_state():

@@ -42,7 +42,7 @@ def test_labels_map_to_and_from_category_ids():
     assert all(contiguous.label_to_category[contiguous.category_to_label[c]] == c for c in contiguous.category_ids)
     coco = dataset("val2017", label_map="coco_id")
     assert coco.category_to_label[90] == 90 and coco.num_classes == 90
-    record = coco.records[0]
+    record = coco.record(0)
     anns = [a for a in coco.coco.imgToAnns[record.image_id]]
     assert sorted(record.labels.tolist()) == sorted(a["category_id"] for a in anns)
 
@@ -127,11 +127,11 @@ def copy_val(tmp_path) -> Path:
 def test_missing_and_corrupt_images_are_named(tmp_path):
     images = copy_val(tmp_path)
     data = CocoDetection(TINYCOCO / "annotations" / "instances_val2017.json", images)
-    record = data.records[0]
+    record = data.record(0)
     (images / record.file_name).unlink()
     with pytest.raises(FileNotFoundError, match=f"{record.file_name}.*image id {record.image_id}, listed in .*instances_val2017.json"):
         data[0]
-    record = data.records[1]
+    record = data.record(1)
     (images / record.file_name).write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with pytest.raises(UserError, match=f"cannot decode image .*{record.file_name}.*image id {record.image_id}, listed in .*instances_val2017.json"):
         data[1]
@@ -154,3 +154,98 @@ def test_bad_annotation_files_are_named(tmp_path):
         CocoDetection(tmp_path / "short_bbox.json", images)
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         CocoDetection(TINYCOCO / "annotations" / "instances_val2017.json", tmp_path / "no_images")
+
+
+def _reference_records(annotation_file) -> dict:
+    """Boxes, labels and crowd flags of every image as the pycocotools index gives them, clipped by hand
+    (float64, then float32): what the compact table must reproduce."""
+    import contextlib
+    import io
+    import math
+
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(annotation_file))
+    label = {c: i + 1 for i, c in enumerate(sorted(coco.getCatIds()))}
+    records = {}
+    for image_id, info in coco.imgs.items():
+        boxes, labels, crowd = [], [], []
+        for ann in coco.imgToAnns.get(image_id, []):
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                continue
+            x1, y1 = min(max(x, 0.0), info["width"]), min(max(y, 0.0), info["height"])
+            x2, y2 = min(max(x + w, 0.0), info["width"]), min(max(y + h, 0.0), info["height"])
+            if x2 > x1 and y2 > y1:
+                boxes.append((x1, y1, x2, y2))
+                labels.append(label[ann["category_id"]])
+                crowd.append(bool(ann.get("iscrowd", 0)))
+        records[image_id] = (info["file_name"], info["height"], info["width"],
+                             np.asarray(boxes, np.float32).reshape(-1, 4), labels, crowd)
+    return records
+
+
+def test_compact_records_equal_the_pycocotools_index(tmp_path):
+    """Every image's boxes, labels and crowd flags, in pycocotools' order, on the tinycoco splits and on a
+    file with shuffled annotations, an annotation of an unlisted image, a non-finite and a border-crossing
+    box."""
+    raw = json.loads((TINYCOCO / "annotations" / "instances_train2017.json").read_text())
+    rng = np.random.default_rng(0)
+    raw["annotations"] = [raw["annotations"][i] for i in rng.permutation(len(raw["annotations"]))]
+    image = raw["images"][3]
+    raw["annotations"] += [
+        {"id": 990001, "image_id": 123456789, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0, "area": 25},
+        {"id": 990002, "image_id": image["id"], "category_id": 1, "bbox": [1, float("nan"), 5, 5], "iscrowd": 0},
+        {"id": 990003, "image_id": image["id"], "category_id": 3, "bbox": [-4.5, 2.25, image["width"], 7.5],
+         "iscrowd": 0, "area": 3},
+    ]
+    raw["images"] = raw["images"][::-1]
+    (tmp_path / "shuffled.json").write_text(json.dumps(raw))
+    files = [TINYCOCO / "annotations" / f"instances_{s}.json" for s in SPLITS] + [tmp_path / "shuffled.json"]
+    for annotation_file in files:
+        reference = _reference_records(annotation_file)
+        for train in (False, True):
+            data = CocoDetection(annotation_file, TINYCOCO / "images" / "train2017", train=train)
+            expected = [i for i in sorted(reference) if not train or not all(reference[i][5])]
+            assert [data.record(i).image_id for i in range(len(data))] == expected
+            for index, image_id in enumerate(expected):
+                record, (name, height, width, boxes, labels, crowd) = data.record(index), reference[image_id]
+                assert (record.file_name, record.height, record.width) == (name, height, width)
+                assert np.array_equal(record.boxes, boxes) and record.boxes.dtype == np.float32
+                assert record.labels.tolist() == labels and record.iscrowd.tolist() == crowd
+
+
+def _reachable_objects(root) -> int:
+    """How many distinct Python objects can be reached from ``root`` (a numpy array counts as one; modules,
+    classes and functions are not entered)."""
+    import gc
+    import types
+
+    seen, stack = set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType)):
+            continue
+        seen.add(id(obj))
+        if not isinstance(obj, np.ndarray):
+            stack.extend(gc.get_referents(obj))
+    return len(seen)
+
+
+def test_a_dataset_holds_no_python_objects_per_image(tmp_path):
+    """Forked DataLoader workers copy every Python object the garbage collector walks: the dataset's
+    object count must not grow with the number of images and annotations (ten times more here)."""
+    raw = json.loads((TINYCOCO / "annotations" / "instances_val2017.json").read_text())
+    counts = []
+    for copies in (1, 10):
+        images, annotations = [], []
+        for copy in range(copies):
+            images += [{**im, "id": im["id"] * 100 + copy} for im in raw["images"]]
+            annotations += [{**a, "id": a["id"] * 100 + copy, "image_id": a["image_id"] * 100 + copy}
+                            for a in raw["annotations"]]
+        (tmp_path / f"x{copies}.json").write_text(json.dumps({**raw, "images": images, "annotations": annotations}))
+        data = CocoDetection(tmp_path / f"x{copies}.json", TINYCOCO / "images" / "val2017", detection_transform(True))
+        assert len(data) >= copies * (len(raw["images"]) - 2)
+        counts.append(_reachable_objects(data))
+    assert counts[0] == counts[1]

@@ -228,3 +228,21 @@ def test_segmentation_quickstart_reaches_its_bar(tmp_path):
     result = train(get_task(config.task), config)
     assert result.metrics["segm/mIoU"] >= 0.6, result.metrics
     assert (tmp_path / "run" / "visualizations").is_dir()
+
+
+def test_compact_table_draws_every_annotation_as_pycocotools_does():
+    """Polygons and crowd RLEs packed in the table give pycocotools' ``annToMask`` masks, pixel for pixel."""
+    from tasks.coco_table import CocoTable
+
+    data = tinycoco()
+    table, coco = CocoTable(data.annotation_file, segmentation=True), data.coco
+    drawn = crowd = 0
+    for row, image_id in enumerate(table.image_ids.tolist()):
+        info = coco.imgs[image_id]
+        anns = coco.imgToAnns.get(image_id, [])
+        assert table.ann_ids[table.rows(row)].tolist() == [a["id"] for a in anns]
+        for ann_row, ann in zip(range(table.rows(row).start, table.rows(row).stop), anns):
+            assert np.array_equal(table.mask(ann_row, info["height"], info["width"]), coco.annToMask(ann))
+            drawn += 1
+            crowd += bool(ann["iscrowd"])
+    assert drawn == len(coco.dataset["annotations"]) and crowd > 0

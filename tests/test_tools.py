@@ -135,7 +135,14 @@ import socket
 def _blocked(*args, **kwargs):
     raise OSError("network access blocked by the test")
 
-socket.socket.connect = _blocked
+_connect = socket.socket.connect
+
+def _local_only(self, address):  # DataLoader workers hand tensors over through Unix sockets
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _blocked()
+    return _connect(self, address)
+
+socket.socket.connect = _local_only
 socket.create_connection = _blocked
 """
 
@@ -328,7 +335,7 @@ def test_non_finite_boxes_are_dropped_and_counted(shapes, tmp_path):
     (tmp_path / "ann.json").write_text(json.dumps(raw))
     dataset = CocoDetection(tmp_path / "ann.json", shapes / "val2017")
     assert dataset.dropped["boxes with non-finite coordinates"] == 2
-    assert all(np.isfinite(r.boxes).all() for r in dataset.records)
+    assert all(np.isfinite(dataset.record(i).boxes).all() for i in range(len(dataset)))
 
 
 def test_prepare_config_reads_no_weights_and_no_data(tmp_path, monkeypatch):

@@ -1,14 +1,17 @@
 """Speed and memory of a config's model, optionally side by side with torchvision's equivalent detector.
 
+    python tools/benchmark.py CONFIG --mode data [--synthetic-coco-train [IMAGES]]
     python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision|onnxruntime [--weights FILE.onnx]]
-        [--device cpu|cuda]
-        [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
+        [--device cpu|cuda] [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
         [--output FILE.json] [--cpu-allocator default|retain] [key=value ...]
     python tools/benchmark.py --mode eval [--images 5000] [--per-image 100] [--output FILE.json]
 
 train: full training steps (forward, backward, SGD step) on synthetic images and boxes of the given size;
-infer: forward in eval mode with post-processing; data: the config's training data loader (images per
-second with ``data.num_workers`` workers). Prints and writes images/second, seconds/iteration (median of
+infer: forward in eval mode with post-processing; data: the config's training dataset (seconds to build it,
+memory it adds to the process, memory a forked DataLoader worker copies of it once Python's garbage
+collector has walked it) and its data loader (images per second with ``data.num_workers`` workers;
+``--synthetic-coco-train`` builds it from a generated COCO-train2017-sized annotation file instead and
+measures the first three only). Prints and writes images/second, seconds/iteration (median of
 the timed iterations), peak memory (CUDA: what a step allocates on top of what was on the device before
 it, plus the model's own parameters, buffers, gradients and optimizer state, so the other model of a
 comparison is not counted; CPU: the process's peak RSS), parameters
@@ -275,13 +278,120 @@ def benchmark_models(args, config) -> dict:
     return results
 
 
+def proc_bytes(table: str, key: str) -> int | None:
+    """A memory figure of this process from ``/proc/self/<table>`` (``key: N kB``), in bytes; ``None`` off
+    Linux."""
+    try:
+        for line in Path("/proc/self", table).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def private_dirty_bytes() -> int | None:
+    """Memory this process has written to and so owns alone (``Private_Dirty``): in a forked worker, what
+    it has copied from its parent."""
+    return proc_bytes("smaps_rollup", "Private_Dirty")
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident memory now (``VmRSS``)."""
+    return proc_bytes("status", "VmRSS")
+
+
+def worker_copy_bytes() -> int | None:
+    """What a forked DataLoader worker copies of its parent once Python's full garbage collection has
+    walked the parent's objects (it writes to every tracked object's header, so each page holding one
+    becomes the worker's own): the growth of a forked child's private memory across ``gc.collect()``.
+    Measured before and after a dataset is built, the difference is the dataset's share."""
+    import gc
+    import multiprocessing
+
+    if private_dirty_bytes() is None:
+        return None
+
+    def child(queue):
+        before = private_dirty_bytes()
+        gc.collect()
+        queue.put(private_dirty_bytes() - before)
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    grown = queue.get(timeout=600)
+    process.join()
+    return grown
+
+
+def synthetic_coco_train_annotations(path: Path, num_images: int = 118287, seed: int = 0) -> dict:
+    """Write a COCO-train2017-sized instances file to ``path``: ``num_images`` 640x480 images, about 7
+    annotations each (COCO train2017: 860k in 118k images), each a polygon of 8-40 points (a fifth split in
+    two or three parts), 1% crowd regions as uncompressed RLE, 80 categories. About COCO's file size."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    width, height = 640, 480
+    images = [{"id": i + 1, "width": width, "height": height, "file_name": f"{i + 1:012d}.jpg"} for i in range(num_images)]
+    categories = [{"id": c, "name": f"class{c}", "supercategory": "thing"} for c in range(1, 81)]
+    counts = rng.poisson(7, num_images)
+    annotations = []
+    for image_id, count in zip(range(1, num_images + 1), counts.tolist()):
+        for _ in range(count):
+            w, h = np.exp(rng.uniform(np.log(4), np.log(400), 2))
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            if rng.random() < 0.01:
+                runs = rng.integers(1, 200, 40)
+                segmentation = {"counts": [int(height * width - runs.sum())] + runs.tolist(), "size": [height, width]}
+                crowd = 1
+            else:
+                parts = int(rng.choice([1, 2, 3], p=[0.8, 0.15, 0.05]))
+                segmentation = [(np.stack([rng.uniform(x, x + w, n), rng.uniform(y, y + h, n)], 1).ravel().round(2)).tolist()
+                                for n in rng.integers(8, 40, parts)]
+                crowd = 0
+            annotations.append({"segmentation": segmentation, "area": round(float(w * h * 0.6), 2), "iscrowd": crowd,
+                                "image_id": image_id, "bbox": [round(float(v), 2) for v in (x, y, w, h)],
+                                "category_id": int(rng.integers(1, 81)), "id": len(annotations) + 1})
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return {"images": num_images, "annotations": len(annotations), "file_bytes": path.stat().st_size}
+
+
 def benchmark_data(args, config) -> dict:
+    """The config's training dataset: how long it takes to build, the memory it adds to the process and
+    what each forked worker copies of it; then (unless ``--iters 0``) images/second through the training
+    data loader with ``data.num_workers`` workers."""
+    import gc
+    import tempfile
+
     from torch.utils.data import DataLoader
 
     from tasks.engine import TrainingStream
 
     task = get_task(config.task)
-    dataset = task.train_dataset(config)
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.synthetic_coco_train:  # annotations only: no images to read
+            root = Path(scratch)
+            (root / "images").mkdir()
+            results["synthetic_annotations"] = synthetic_coco_train_annotations(root / "instances.json",
+                                                                               args.synthetic_coco_train)
+            config.data.root, config.data.train.annotations, config.data.train.images = str(root), "instances.json", "images"
+            args.iters = 0
+        gc.collect()
+        before, copied_before = current_rss_bytes(), worker_copy_bytes()
+        start = time.perf_counter()
+        dataset = task.train_dataset(config)
+        results["build_seconds"] = time.perf_counter() - start
+        gc.collect()
+        after = current_rss_bytes()
+        results["images"] = len(dataset)
+        results["process_bytes_added"] = after - before if before is not None else None
+        copied = worker_copy_bytes()
+        results["worker_copy_bytes"] = copied - copied_before if copied is not None else None
+    if args.iters <= 0:
+        return results
     groups = getattr(dataset, "aspect_groups", lambda: None)()
     stream = TrainingStream(len(dataset), args.batch_size, config.seed, group_ids=groups)  # the training order
     loader = DataLoader(dataset, batch_sampler=stream, collate_fn=task.collate, num_workers=config.data.num_workers)
@@ -295,7 +405,7 @@ def benchmark_data(args, config) -> dict:
         count += len(images)
     elapsed = time.perf_counter() - start
     workers = max(config.data.num_workers, 1)
-    return {"images_per_second": count / elapsed, "images_per_second_per_worker": count / elapsed / workers,
+    return {**results, "images_per_second": count / elapsed, "images_per_second_per_worker": count / elapsed / workers,
             "num_workers": config.data.num_workers}
 
 
@@ -372,6 +482,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--mode", choices=["train", "infer", "data", "eval"], default="train")
     parser.add_argument("--images", type=int, default=5000, help="eval: images of the synthetic set (COCO val: 5000)")
     parser.add_argument("--per-image", type=int, default=100, help="eval: detections an image")
+    parser.add_argument("--synthetic-coco-train", type=int, nargs="?", const=118287, default=0, metavar="IMAGES",
+                        help="data: build the training dataset from a generated COCO-train2017-sized annotation file "
+                             "(118,287 images unless given) instead of the config's; build time and memory only")
     parser.add_argument("--compare", choices=["torchvision", "onnxruntime"])
     parser.add_argument("--weights", help="--compare onnxruntime: the exported .onnx file to run (default: ours, "
                                           "exported in this run)")

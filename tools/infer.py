@@ -8,6 +8,9 @@ image's pixels (``image_id``: the file's numeric stem, as COCO names files, else
 Segmentation writes ``DIR/<image stem>.png`` (the class map as a coloured overlay with a legend) and
 ``DIR/<image stem>_labels.png`` (8-bit, one channel: the class index of every pixel, at the image's size).
 
+Images are decoded and resized by ``data.num_workers`` DataLoader workers while the model runs, in batches
+of ``eval.batch_size`` (both config keys: ``data.num_workers=8 eval.batch_size=4`` on the command line).
+
 ``--weights model.onnx`` (a file written by tools/export.py) runs the exported model on ONNX Runtime
 instead, through the same resize, post-processing and writing.
 """
@@ -24,20 +27,14 @@ import torch
 
 from backbones.errors import UserError, UserFileNotFoundError
 from tasks.cli import DEBUG_HELP, tool
+from tasks.coco_table import read_coco_json
 from tasks.config import load_run, resolve_path
+from tasks.data import ImageFiles, inference_batches
 from tasks.deploy import is_onnx, load_onnx
 from tasks.detection import build_detector
 from tasks.detection.checkpoint import load_detector_weights
-from tasks.detection.data import load_coco
+from tasks.detection.inference import COCO_CATEGORIES, draw_detections, list_images, to_coco_results
 from tasks.tasks import prepare_config
-from tasks.detection.inference import (
-    COCO_CATEGORIES,
-    DetectionPredictor,
-    draw_detections,
-    list_images,
-    load_images,
-    to_coco_results,
-)
 
 logger = logging.getLogger("infer")
 
@@ -60,7 +57,7 @@ def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[in
             f"of {annotations} (data.root, data.val.annotations) or a run folder's categories.json"
         )
     else:
-        categories = load_coco(annotations).dataset["categories"]
+        categories = read_coco_json(annotations)["categories"]
     categories = sorted(categories, key=lambda c: c["id"])
     if config.data.label_map == "contiguous" and len(categories) != num_classes:
         raise UserError(f"the model has {num_classes} classes but its category list has {len(categories)}: give the "
@@ -68,6 +65,14 @@ def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[in
     if config.data.label_map == "coco_id":
         return {i: i for i in range(1, num_classes + 1)}, {c["id"]: c["name"] for c in categories}
     return ({i + 1: c["id"] for i, c in enumerate(categories)}, {i + 1: c["name"] for i, c in enumerate(categories)})
+
+
+def image_batches(config, files: list[Path], progress_name: str):
+    """The files decoded and resized to the config's test scale by ``data.num_workers`` DataLoader workers,
+    in ``eval.batch_size`` batches of ``(index, image, resized)``, with a progress bar."""
+    dataset = ImageFiles(files, config.data.min_size_test, config.data.max_size_test)
+    return inference_batches(dataset, range(len(files)), config.eval.batch_size, config.data.num_workers,
+                             progress=True, desc=progress_name)
 
 
 def segmentation_names(config, run_dir: Path | None, num_classes: int) -> list[str]:
@@ -92,7 +97,6 @@ def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args
     import numpy as np
     from PIL import Image
 
-    from tasks.data import ShortestEdgeResize
     from tasks.segmentation.drawing import draw_segmentation
     from tasks.segmentation.task import SegmentationTask
 
@@ -104,14 +108,13 @@ def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args
         task.load_weights(model, weights)
     model.to(args.device).eval()
     names = segmentation_names(config, run_dir, model.num_classes)
-    resize = ShortestEdgeResize([config.data.min_size_test], config.data.max_size_test)
-    for path in files:
-        (image,) = load_images([path])
-        resized = torch.from_numpy(resize(image=image)["image"]).permute(2, 0, 1)
-        classes = task.predict(model, resized, image.shape[:2]).cpu().numpy().astype(np.uint8)
-        Image.fromarray(classes, mode="L").save(output / f"{path.stem}_labels.png")
-        draw_segmentation(image, classes, names).save(output / f"{path.stem}.png")
-        print(f"{path.name}: classes {sorted(set(np.unique(classes).tolist()))}", file=sys.stderr)
+    for batch in image_batches(config, files, "segment"):
+        for index, image, resized in batch:
+            with torch.no_grad():
+                classes = task.predict(model, resized, tuple(image.shape[:2])).cpu().numpy().astype(np.uint8)
+            path = files[index]
+            Image.fromarray(classes, mode="L").save(output / f"{path.stem}_labels.png")
+            draw_segmentation(image.numpy(), classes, names).save(output / f"{path.stem}.png")
     print(f"wrote class maps of {len(files)} images to {output}")
     return 0
 
@@ -145,17 +148,20 @@ def main(argv: list[str]) -> int:
         model = build_detector(config.model, init_weights=False)  # the checkpoint replaces the initialisation
         load_detector_weights(model, weights)
     label_to_category, names = label_names(config, run_dir, model.num_classes)
-    predictor = DetectionPredictor(model, config.data.min_size_test, config.data.max_size_test, args.device)
+    model.to(args.device).eval()
 
     predictions = []
-    for index, path in enumerate(files):
-        (image,) = load_images([path])
-        (detections,) = predictor([image])
-        image_id = int(path.stem) if path.stem.isdigit() else index
-        for entry in to_coco_results(detections, image_id, label_to_category):
-            predictions.append({"file_name": path.name, **entry})
-        draw_detections(image, detections, names, args.draw_threshold).save(output / f"{path.stem}.png")
-        print(f"{path.name}: {len(detections['boxes'])} detections", file=sys.stderr)
+    for batch in image_batches(config, files, "detect"):
+        indices, images, resized = zip(*batch)
+        with torch.no_grad():
+            detections = model(list(resized), original_sizes=[tuple(image.shape[:2]) for image in images])
+        for index, image, found in zip(indices, images, detections):
+            found = {k: v.cpu() for k, v in found.items()}
+            path = files[index]
+            image_id = int(path.stem) if path.stem.isdigit() else index
+            for entry in to_coco_results(found, image_id, label_to_category):
+                predictions.append({"file_name": path.name, **entry})
+            draw_detections(image.numpy(), found, names, args.draw_threshold).save(output / f"{path.stem}.png")
     (output / "predictions.json").write_text(json.dumps(predictions))
     print(f"wrote {len(predictions)} predictions for {len(files)} images to {output / 'predictions.json'}")
     return 0

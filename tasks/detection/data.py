@@ -1,13 +1,12 @@
-"""COCO detection data: ``instances_*.json`` + an image folder, read with pycocotools, augmented with
-albumentations (boxes move with the image)."""
+"""COCO detection data: ``instances_*.json`` + an image folder, held as a ``CocoTable`` (numpy columns;
+pycocotools' index only for evaluation), augmented with albumentations (boxes move with the image)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
-import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch.utils.data import Dataset
 
 from backbones.errors import UserError, UserFileNotFoundError
 
+from ..coco_table import CocoTable, offsets, read_coco_json
 from ..data import ShortestEdgeResize, read_image
 
 logger = logging.getLogger(__name__)
@@ -28,21 +28,11 @@ LABEL_MAPS = ("contiguous", "coco_id")
 
 
 def load_coco(annotation_file: str | Path) -> COCO:
-    """A pycocotools index of ``annotation_file``, with an error naming the file if it is missing or not a
-    COCO instances file."""
+    """A pycocotools index of ``annotation_file`` (for evaluation; training reads a ``CocoTable``), with an
+    error naming the file if it is missing or not a COCO instances file."""
     path = Path(annotation_file)
-    if not path.is_file():
-        raise UserFileNotFoundError(f"annotation file not found: {path}; check data.root and the annotation name")
-    try:
-        with open(path) as f:
-            dataset = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"annotation file {path} is not valid JSON: {error}") from error
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(dataset, dict) or k not in dataset]
-    if missing:
-        raise UserError(f"annotation file {path} is not a COCO instances file: no {', '.join(missing)}")
     coco = COCO()
-    coco.dataset = dataset
+    coco.dataset = read_coco_json(path)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         try:
             coco.createIndex()
@@ -51,13 +41,38 @@ def load_coco(annotation_file: str | Path) -> COCO:
     return coco
 
 
-def load_coco_split(annotation_file: str | Path, image_dir: str | Path) -> tuple[Path, Path, COCO]:
-    """``(annotation_file, image_dir, load_coco(annotation_file))`` of a dataset split, with an error
-    naming the image folder if it does not exist."""
+def check_image_dir(image_dir: str | Path) -> Path:
+    """``image_dir`` as a ``Path``, with an error naming it if it does not exist."""
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise UserFileNotFoundError(f"image folder not found: {image_dir}; check data.root and the image folder")
-    return Path(annotation_file), image_dir, load_coco(annotation_file)
+    return image_dir
+
+
+class CocoSplit(Dataset):
+    """What the COCO datasets share: the split's files, its ``CocoTable`` (compact, shared with workers)
+    and, for evaluation only, pycocotools' index of the same file (``coco``, built on first use)."""
+
+    def __init__(self, annotation_file: str | Path, image_dir: str | Path, segmentation: bool = False):
+        self.image_dir = check_image_dir(image_dir)
+        self.annotation_file = Path(annotation_file)
+        self.table = CocoTable(self.annotation_file, segmentation=segmentation)
+
+    @functools.cached_property
+    def coco(self) -> COCO:
+        """pycocotools' index of the annotation file (what COCOeval reads); built when first asked for."""
+        return load_coco(self.annotation_file)
+
+    def read_image(self, row: int) -> np.ndarray:
+        """The decoded image of table row ``row``, checked against the size the annotations give."""
+        table = self.table
+        image_id, path = int(table.image_ids[row]), self.image_dir / table.file_name(row)
+        image = read_image(path, image_id, self.annotation_file)
+        height, width = int(table.heights[row]), int(table.widths[row])
+        if image.shape[:2] != (height, width):
+            raise UserError(f"image {path} (image id {image_id}) is {image.shape[1]}x{image.shape[0]} but the "
+                            f"annotations say {width}x{height}")
+        return image
 
 
 @dataclass
@@ -71,15 +86,17 @@ class ImageRecord:
     iscrowd: np.ndarray  # (G,) bool
 
 
-class CocoDetection(Dataset):
+class CocoDetection(CocoSplit):
     """Images with their boxes, labels and crowd flags.
 
     - ``label_map="contiguous"``: the categories, sorted by id, become labels 1..K; ``"coco_id"``: the
       label is the COCO category id (torchvision's 91-way convention). ``label_to_category`` maps back.
     - Crowd annotations are kept with ``iscrowd`` set: the heads neither use them as positives nor as
-      negatives. Boxes that are degenerate once clipped to the image are dropped, counted in
-      ``self.dropped`` and in one warning.
+      negatives. Boxes that are degenerate once clipped to the image, or not finite, are dropped, counted
+      in ``self.dropped`` and in one warning.
     - ``train=True`` skips images without any non-crowd box; evaluation keeps every image.
+    - The boxes of every image are packed in a few arrays (``record(i)`` unpacks one image's): the
+      dataset holds no per-image Python objects, so forked DataLoader workers do not copy it.
 
     Items are ``(image (3, H, W) uint8, target)``, ``target`` holding ``boxes``, ``labels``, ``iscrowd``
     (after augmentation), ``image_id`` and ``orig_size`` (h, w) of the file.
@@ -95,84 +112,62 @@ class CocoDetection(Dataset):
     ):
         if label_map not in LABEL_MAPS:
             raise UserError(f"data.label_map must be one of {', '.join(LABEL_MAPS)}, got {label_map!r}")
-        self.annotation_file, self.image_dir, self.coco = load_coco_split(annotation_file, image_dir)
+        super().__init__(annotation_file, image_dir)
         self.transform, self.train = transform, train
-        self.category_ids = sorted(self.coco.getCatIds())
+        table = self.table
+        self.category_ids = [c["id"] for c in table.categories]
         if label_map == "contiguous":
             self.category_to_label = {c: i + 1 for i, c in enumerate(self.category_ids)}
         else:
             self.category_to_label = {c: c for c in self.category_ids}
         self.label_to_category = {v: k for k, v in self.category_to_label.items()}
         self.num_classes = max(self.category_to_label.values(), default=0)
-        self.category_names = {c["id"]: c["name"] for c in self.coco.loadCats(self.category_ids)}
+        self.category_names = {c["id"]: c["name"] for c in table.categories}
 
-        self.kept = 0  # annotations used as objects
-        self.crowd = 0  # crowd annotations kept as ignore regions
+        # boxes clipped to their image (float64 as in the file, then float32), kept unless degenerate
+        image_of_row = table.image_of_rows()
+        x, y, w, h = table.bboxes.T
+        finite = np.isfinite(table.bboxes).all(axis=1)
+        width, height = table.widths[image_of_row], table.heights[image_of_row]
+        with np.errstate(invalid="ignore"):
+            boxes = np.stack([np.clip(x, 0, width), np.clip(y, 0, height),
+                              np.clip(x + w, 0, width), np.clip(y + h, 0, height)], axis=1)
+            proper = finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         self.dropped: Counter[str] = Counter()  # reason -> count
-        self.records: list[ImageRecord] = []
-        self.skipped_images = 0
-        for image_id in sorted(self.coco.getImgIds()):
-            record = self._record(image_id)
-            if train and not (~record.iscrowd).any():
-                self.skipped_images += 1
-                continue
-            self.records.append(record)
+        if (~finite).any():
+            self.dropped["boxes with non-finite coordinates"] = int((~finite).sum())
+        if (finite & ~proper).any():
+            self.dropped["boxes degenerate after clipping to the image"] = int((finite & ~proper).sum())
+        self.crowd = int((proper & table.iscrowd).sum())  # crowd annotations kept as ignore regions
+        self.kept = int((proper & ~table.iscrowd).sum())  # annotations used as objects
+        labels = np.asarray([self.category_to_label[c] for c in self.category_ids], dtype=np.int64)
+        self._boxes = boxes[proper].astype(np.float32)
+        self._labels = labels[np.searchsorted(self.category_ids, table.category_ids[proper])]
+        self._crowd = table.iscrowd[proper]
+        kept_images = image_of_row[proper]
+        self._box_start = offsets(np.bincount(kept_images, minlength=len(table)))
+        objects = np.bincount(kept_images[~self._crowd], minlength=len(table))
+        self.image_rows = np.flatnonzero(objects > 0) if train else np.arange(len(table))  # the items' table rows
+        self.skipped_images = len(table) - len(self.image_rows)
         if self.dropped:
             logger.warning("%s: dropped %s", self.annotation_file, ", ".join(f"{n} {why}" for why, n in self.dropped.items()))
         if self.skipped_images:
             logger.info("%s: %d images without usable boxes skipped for training", self.annotation_file,
                         self.skipped_images)
 
-    def _record(self, image_id: int) -> ImageRecord:
-        info = self.coco.imgs[image_id]
-        try:
-            height, width, _ = int(info["height"]), int(info["width"]), str(info["file_name"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"image {image_id} in {self.annotation_file} lacks a valid height, width or file_name: "
-                            f"{info!r}") from None
-        boxes, labels, crowd = [], [], []
-        for ann in self.coco.imgToAnns.get(image_id, []):
-            where = f"annotation {ann.get('id')} of image {image_id} in {self.annotation_file}"
-            bbox = ann.get("bbox")
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise UserError(f"{where} has no valid 'bbox' [x, y, w, h]: {bbox!r}")
-            if ann.get("category_id") not in self.category_to_label:
-                raise UserError(f"{where} has category_id {ann.get('category_id')!r}, not among the categories")
-            try:
-                x, y, w, h = (float(v) for v in bbox)
-            except (TypeError, ValueError):
-                raise UserError(f"{where} has a 'bbox' that is not four numbers: {bbox!r}") from None
-            if not all(math.isfinite(v) for v in (x, y, w, h)):
-                self.dropped["boxes with non-finite coordinates"] += 1
-                continue
-            x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-            x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-            if x2 <= x1 or y2 <= y1:
-                self.dropped["boxes degenerate after clipping to the image"] += 1
-                continue
-            boxes.append((x1, y1, x2, y2))
-            labels.append(self.category_to_label[ann["category_id"]])
-            crowd.append(bool(ann.get("iscrowd", 0)))
-            if crowd[-1]:
-                self.crowd += 1
-            else:
-                self.kept += 1
-        return ImageRecord(
-            image_id,
-            info["file_name"],
-            height,
-            width,
-            np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-            np.asarray(labels, dtype=np.int64),
-            np.asarray(crowd, dtype=bool),
-        )
+    def record(self, index: int) -> ImageRecord:
+        """Item ``index``'s image and its boxes (clipped, x1, y1, x2, y2), labels and crowd flags."""
+        row, table = int(self.image_rows[index]), self.table
+        boxes = slice(int(self._box_start[row]), int(self._box_start[row + 1]))
+        return ImageRecord(int(table.image_ids[row]), table.file_name(row), int(table.heights[row]),
+                           int(table.widths[row]), self._boxes[boxes], self._labels[boxes], self._crowd[boxes])
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.image_rows)
 
     def aspect_groups(self) -> list[int]:
         """0 for landscape (w >= h), 1 for portrait: the training stream batches them apart."""
-        return [0 if r.width >= r.height else 1 for r in self.records]
+        return (self.table.widths[self.image_rows] < self.table.heights[self.image_rows]).astype(int).tolist()
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Item ``index``, or ``(index, seed)`` to draw its augmentation from ``seed`` (reproducible
@@ -180,13 +175,8 @@ class CocoDetection(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         if seed is not None and self.transform is not None:
             self.transform.set_random_seed(seed)
-        record = self.records[index]
-        image = read_image(self.image_dir / record.file_name, record.image_id, self.annotation_file)
-        if image.shape[:2] != (record.height, record.width):
-            raise UserError(
-                f"image {self.image_dir / record.file_name} (image id {record.image_id}) is "
-                f"{image.shape[1]}x{image.shape[0]} but the annotations say {record.width}x{record.height}"
-            )
+        record = self.record(index)
+        image = self.read_image(int(self.image_rows[index]))
         boxes, labels, iscrowd = record.boxes, record.labels, record.iscrowd
         if self.transform is not None:
             out = self.transform(image=image, bboxes=boxes, labels=labels, iscrowd=iscrowd.astype(np.int64))

@@ -1,10 +1,9 @@
-"""Detection inference on image files: test-time resize, model, boxes back in original pixels, COCO
-results, drawings."""
+"""Detection inference output: COCO results entries, class names and colours, drawings."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -13,8 +12,6 @@ from torchvision.utils import draw_bounding_boxes
 
 from backbones.errors import UserFileNotFoundError
 
-from ..data import ShortestEdgeResize, read_image
-from .model import FasterRCNN
 
 # COCO 2017 category id -> name (the 80 "thing" categories).
 COCO_CATEGORIES: dict[int, str] = {
@@ -45,22 +42,6 @@ def list_images(path: str | Path) -> list[Path]:
     if not files:
         raise UserFileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
     return files
-
-
-class DetectionPredictor:
-    """Runs a detector on RGB ``uint8`` arrays ``(H, W, 3)`` of any size: resizes to the test scale
-    (shorter side ``min_size``, longer at most ``max_size``) and returns boxes in the array's pixels."""
-
-    def __init__(self, model: FasterRCNN, min_size: int, max_size: int, device: str | torch.device = "cpu"):
-        self.model = model.to(device).eval()
-        self.resize = ShortestEdgeResize([min_size], max_size)
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:
-        resized = [torch.from_numpy(self.resize(image=img)["image"]).permute(2, 0, 1) for img in images]
-        detections = self.model(resized, original_sizes=[img.shape[:2] for img in images])
-        return [{k: v.cpu() for k, v in d.items()} for d in detections]
 
 
 def to_coco_results(
@@ -121,6 +102,3 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 6) -> Image.I
     out.paste(right, (left.width + gap, 0))
     return out
 
-
-def load_images(paths: Sequence[Path]) -> list[np.ndarray]:
-    return [read_image(p) for p in paths]

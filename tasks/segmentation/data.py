@@ -1,4 +1,5 @@
-"""COCO semantic segmentation data built from ``instances_*.json`` with pycocotools (polygons and RLE)."""
+"""COCO semantic segmentation data built from ``instances_*.json``: polygons and RLEs held packed in a
+``CocoTable``, drawn with pycocotools' mask functions when an image is read."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from backbones.errors import UserError
 
 from ..data import ShortestEdgeResize, read_image
-from ..detection.data import load_coco_split
+from ..detection.data import CocoSplit
 
 IGNORE = 255
 # The 20 Pascal VOC categories as COCO category ids, in VOC's class order (label i + 1); torchvision's
@@ -23,14 +23,15 @@ VOC20_COCO_IDS = [5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 6
 CLASS_SETS = ("voc20", "coco80", "all")
 
 
-class CocoSegmentation(Dataset):
+class CocoSegmentation(CocoSplit):
     """Images with per-pixel class masks (0 background, 1..K the selected categories, 255 ignore).
 
     ``class_set``: ``voc20`` (the 20 VOC categories in VOC order), ``coco80`` (the 80 COCO categories by
     id) or ``all`` (every category of the file by id). Instances of other categories are background.
     Pixels where instances of different selected classes overlap, and crowd regions of selected
     classes, are ignored (255). ``train=True`` keeps only images whose selected, non-crowd annotations
-    cover at least ``min_pixels`` (by their COCO ``area``).
+    cover at least ``min_pixels`` (by their COCO ``area``). The polygons and RLEs are held packed in the
+    split's ``CocoTable`` and drawn when an image is read.
 
     Items are ``(image (3, H, W) uint8, {"mask": (H, W) int64, "image_id", "orig_size"})``. In training
     the transform moves image and mask together; for evaluation only the image is transformed and the
@@ -41,9 +42,10 @@ class CocoSegmentation(Dataset):
                  transform: A.Compose | None = None, train: bool = False, min_pixels: int = 1000):
         if class_set not in CLASS_SETS:
             raise UserError(f"data.class_set must be one of {', '.join(CLASS_SETS)}, got {class_set!r}")
-        self.annotation_file, self.image_dir, self.coco = load_coco_split(annotation_file, image_dir)
+        super().__init__(annotation_file, image_dir, segmentation=True)
         self.transform, self.train = transform, train
-        all_ids = sorted(self.coco.getCatIds())
+        table = self.table
+        all_ids = [c["id"] for c in table.categories]
         if class_set == "voc20":
             missing = [c for c in VOC20_COCO_IDS if c not in all_ids]
             if missing:
@@ -56,34 +58,30 @@ class CocoSegmentation(Dataset):
         else:
             chosen = all_ids
         self.category_to_label = {c: i + 1 for i, c in enumerate(chosen)}
-        names = {c["id"]: c["name"] for c in self.coco.loadCats(all_ids)}
+        names = {c["id"]: c["name"] for c in table.categories}
         self.class_names = ["background"] + [names[c] for c in chosen]
         self.num_classes = len(self.class_names)
-        image_ids = sorted(self.coco.getImgIds())
-        if train:
-            image_ids = [i for i in image_ids if self._labelled_area(i) >= min_pixels]
-        self.image_ids = image_ids
-
-    def _labelled_area(self, image_id: int) -> float:
-        return sum(a.get("area", 0) for a in self.coco.imgToAnns.get(image_id, [])
-                   if not a.get("iscrowd") and a["category_id"] in self.category_to_label)
+        rows = np.arange(len(table))
+        if train:  # the area of each image's selected, non-crowd annotations
+            selected = np.isin(table.category_ids, chosen) & ~table.iscrowd
+            area = np.bincount(table.image_of_rows()[selected], weights=table.areas[selected], minlength=len(table))
+            rows = rows[area >= min_pixels]
+        self.image_ids = table.image_ids[rows]  # the items' COCO image ids
 
     def semantic_mask(self, image_id: int) -> np.ndarray:
         """The (H, W) uint8 class mask of ``image_id`` at the original resolution."""
-        info = self.coco.imgs[image_id]
-        mask = np.zeros((info["height"], info["width"]), np.uint8)
+        table = self.table
+        row = int(np.searchsorted(table.image_ids, image_id))
+        height, width = int(table.heights[row]), int(table.widths[row])
+        mask = np.zeros((height, width), np.uint8)
         conflict = np.zeros(mask.shape, bool)
         crowd = np.zeros(mask.shape, bool)
-        for ann in self.coco.imgToAnns.get(image_id, []):
-            label = self.category_to_label.get(ann["category_id"])
+        for ann in range(table.rows(row).start, table.rows(row).stop):
+            label = self.category_to_label.get(int(table.category_ids[ann]))
             if label is None:
                 continue
-            try:
-                region = self.coco.annToMask(ann).astype(bool)
-            except Exception as error:  # malformed polygon / RLE
-                raise UserError(f"annotation {ann.get('id')} of image {image_id} in {self.annotation_file} has "
-                                 f"an unreadable segmentation: {error!r}") from error
-            if ann.get("iscrowd"):
+            region = table.mask(ann, height, width).astype(bool)
+            if table.iscrowd[ann]:
                 crowd |= region
                 continue
             conflict |= region & (mask != 0) & (mask != label)
@@ -96,13 +94,10 @@ class CocoSegmentation(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image_id = self.image_ids[index]
-        info = self.coco.imgs[image_id]
-        image = read_image(self.image_dir / info["file_name"], image_id, self.annotation_file)
+        image_id = int(self.image_ids[index])
+        row = int(np.searchsorted(self.table.image_ids, image_id))
+        image = self.read_image(row)
         mask = self.semantic_mask(image_id)
-        if image.shape[:2] != mask.shape:
-            raise UserError(f"image {self.image_dir / info['file_name']} (image id {image_id}) is "
-                             f"{image.shape[1]}x{image.shape[0]} but the annotations say {mask.shape[1]}x{mask.shape[0]}")
         if self.transform is not None:
             if seed is not None:
                 self.transform.set_random_seed(seed)
@@ -112,7 +107,7 @@ class CocoSegmentation(Dataset):
             else:
                 image = self.transform(image=image)["image"]
         target = {"mask": torch.from_numpy(mask.astype(np.int64)), "image_id": image_id,
-                  "orig_size": (info["height"], info["width"])}
+                  "orig_size": (int(self.table.heights[row]), int(self.table.widths[row]))}
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), target
 
 
