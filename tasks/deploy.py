@@ -19,6 +19,7 @@ maps' sizes (symbols there: "unhashable type: non-nested SymInt"), and past it a
 ``batched_nms``, which branches on the number of boxes kept by the score and size filters, a count that
 depends on the data ("Could not guard on data-dependent expression"). The backbone (+ FPN) and the
 segmenter have no such counts and are exported by ``torch.export`` as well (``export_program``).
+torch 2.9+ marks the TorchScript-based exporter deprecated; its ``DeprecationWarning`` is silenced here.
 """
 
 from __future__ import annotations
