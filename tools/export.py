@@ -22,12 +22,9 @@ from pathlib import Path
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_run
 from tasks.deploy import DEFAULT_OPSET, export_metadata, export_onnx, export_program
+from tasks.detection.inference import label_names
+from tasks.segmentation.data import segmentation_names
 from tasks.tasks import get_task, prepare_config
-
-try:
-    from tools.infer import label_names, segmentation_names
-except ModuleNotFoundError:  # run as a script (python tools/export.py): tools/ itself is on sys.path
-    from infer import label_names, segmentation_names
 
 
 @tool

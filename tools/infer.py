@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -27,45 +26,13 @@ import torch
 
 from backbones.errors import UserError, UserFileNotFoundError
 from tasks.cli import DEBUG_HELP, tool
-from tasks.coco_table import read_coco_json
-from tasks.config import load_run, resolve_path
+from tasks.config import load_run
 from tasks.data import ImageFiles, inference_batches
 from tasks.deploy import is_onnx, load_onnx
 from tasks.detection import build_detector
 from tasks.detection.checkpoint import load_detector_weights
-from tasks.detection.inference import COCO_CATEGORIES, draw_detections, list_images, to_coco_results
+from tasks.detection.inference import draw_detections, label_names, list_images, to_coco_results
 from tasks.tasks import prepare_config
-
-logger = logging.getLogger("infer")
-
-
-def label_names(config, run_dir: Path | None, num_classes: int) -> tuple[dict[int, int], dict[int, str]]:
-    """label -> COCO category id, and label -> name, for the config's label map. With ``coco_id`` every
-    label is its own category id (torchvision's detectors also output the ids COCO leaves unused)."""
-    annotations = resolve_path(config.data.root, config.data.val.annotations)
-    # an 80-class contiguous model without its dataset at hand (a model-zoo download, say) is COCO's
-    coco_model = not annotations.is_file() and num_classes == len(COCO_CATEGORIES)
-    if run_dir is not None and (run_dir / "categories.json").is_file():
-        categories = json.loads((run_dir / "categories.json").read_text())
-    elif config.data.label_map == "coco_id" or coco_model:
-        if config.data.label_map != "coco_id":
-            logger.info("labels 1..80 named as COCO's categories (%s not found)", annotations)
-        categories = [{"id": i, "name": n} for i, n in COCO_CATEGORIES.items()]
-    elif not annotations.is_file():
-        raise UserFileNotFoundError(
-            f"the config maps labels to categories by data.label_map=contiguous, which needs the category list "
-            f"of {annotations} (data.root, data.val.annotations) or a run folder's categories.json"
-        )
-    else:
-        categories = read_coco_json(annotations)["categories"]
-    categories = sorted(categories, key=lambda c: c["id"])
-    if config.data.label_map == "contiguous" and len(categories) != num_classes:
-        raise UserError(f"the model has {num_classes} classes but its category list has {len(categories)}: give the "
-                        "run folder the model was trained in, or set model.num_classes / data.val.annotations to match")
-    if config.data.label_map == "coco_id":
-        return {i: i for i in range(1, num_classes + 1)}, {c["id"]: c["name"] for c in categories}
-    return ({i + 1: c["id"] for i, c in enumerate(categories)}, {i + 1: c["name"] for i, c in enumerate(categories)})
-
 
 def image_batches(config, files: list[Path], progress_name: str):
     """The files decoded and resized to the config's test scale by ``data.num_workers`` DataLoader workers,
@@ -75,28 +42,12 @@ def image_batches(config, files: list[Path], progress_name: str):
                              progress=True, desc=progress_name)
 
 
-def segmentation_names(config, run_dir: Path | None, num_classes: int) -> list[str]:
-    """The name of each class index (0: background) of a segmenter: the run's categories.json, the VOC
-    names for ``data.class_set=voc20``, else ``class k``."""
-    if run_dir is not None and (run_dir / "categories.json").is_file():
-        names = [c["name"] for c in json.loads((run_dir / "categories.json").read_text())]
-    elif config.data.class_set == "voc20":
-        from tasks.segmentation.data import VOC20_COCO_IDS
-
-        names = ["background"] + [COCO_CATEGORIES[c] for c in VOC20_COCO_IDS]
-    else:
-        names = [f"class {k}" for k in range(num_classes)]
-    if len(names) != num_classes:
-        raise UserError(f"the model has {num_classes} classes (background included) but the class names "
-                        f"have {len(names)}: set model.num_classes or data.class_set to match")
-    return names
-
-
 def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args: argparse.Namespace, output: Path) -> int:
     """The segmentation branch of ``main``."""
     import numpy as np
     from PIL import Image
 
+    from tasks.segmentation.data import segmentation_names
     from tasks.segmentation.drawing import draw_segmentation
     from tasks.segmentation.task import SegmentationTask
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -10,7 +12,12 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-from backbones.errors import UserFileNotFoundError
+from backbones.errors import UserError, UserFileNotFoundError
+
+from ..coco_table import read_coco_json
+from ..config import Config, resolve_path
+
+logger = logging.getLogger(__name__)
 
 
 # COCO 2017 category id -> name (the 80 "thing" categories).
@@ -42,6 +49,34 @@ def list_images(path: str | Path) -> list[Path]:
     if not files:
         raise UserFileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
     return files
+
+
+def label_names(config: Config, run_dir: Path | None, num_classes: int) -> tuple[dict[int, int], dict[int, str]]:
+    """label -> COCO category id, and label -> name, for the config's label map. With ``coco_id`` every
+    label is its own category id (torchvision's detectors also output the ids COCO leaves unused)."""
+    annotations = resolve_path(config.data.root, config.data.val.annotations)
+    # an 80-class contiguous model without its dataset at hand (a model-zoo download, say) is COCO's
+    coco_model = not annotations.is_file() and num_classes == len(COCO_CATEGORIES)
+    if run_dir is not None and (run_dir / "categories.json").is_file():
+        categories = json.loads((run_dir / "categories.json").read_text())
+    elif config.data.label_map == "coco_id" or coco_model:
+        if config.data.label_map != "coco_id":
+            logger.info("labels 1..80 named as COCO's categories (%s not found)", annotations)
+        categories = [{"id": i, "name": n} for i, n in COCO_CATEGORIES.items()]
+    elif not annotations.is_file():
+        raise UserFileNotFoundError(
+            f"the config maps labels to categories by data.label_map=contiguous, which needs the category list "
+            f"of {annotations} (data.root, data.val.annotations) or a run folder's categories.json"
+        )
+    else:
+        categories = read_coco_json(annotations)["categories"]
+    categories = sorted(categories, key=lambda c: c["id"])
+    if config.data.label_map == "contiguous" and len(categories) != num_classes:
+        raise UserError(f"the model has {num_classes} classes but its category list has {len(categories)}: give the "
+                        "run folder the model was trained in, or set model.num_classes / data.val.annotations to match")
+    if config.data.label_map == "coco_id":
+        return {i: i for i in range(1, num_classes + 1)}, {c["id"]: c["name"] for c in categories}
+    return ({i + 1: c["id"] for i, c in enumerate(categories)}, {i + 1: c["name"] for i, c in enumerate(categories)})
 
 
 def to_coco_results(

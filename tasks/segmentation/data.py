@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +15,9 @@ import torch
 from backbones.errors import UserError
 
 from ..data import ShortestEdgeResize, read_image
+from ..config import Config
 from ..detection.data import CocoSplit
+from ..detection.inference import COCO_CATEGORIES
 
 IGNORE = 255
 # The 20 Pascal VOC categories as COCO category ids, in VOC's class order (label i + 1); torchvision's
@@ -153,3 +156,18 @@ def segmentation_metrics(confusion: torch.Tensor, class_names: Sequence[str] | N
         if is_present:
             metrics[f"IoU/{name}"] = value
     return metrics
+
+
+def segmentation_names(config: Config, run_dir: Path | None, num_classes: int) -> list[str]:
+    """The name of each class index (0: background) of a segmenter: the run's categories.json, the VOC
+    names for ``data.class_set=voc20``, else ``class k``."""
+    if run_dir is not None and (run_dir / "categories.json").is_file():
+        names = [c["name"] for c in json.loads((run_dir / "categories.json").read_text())]
+    elif config.data.class_set == "voc20":
+        names = ["background"] + [COCO_CATEGORIES[c] for c in VOC20_COCO_IDS]
+    else:
+        names = [f"class {k}" for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise UserError(f"the model has {num_classes} classes (background included) but the class names "
+                        f"have {len(names)}: set model.num_classes or data.class_set to match")
+    return names
