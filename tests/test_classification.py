@@ -265,14 +265,22 @@ def test_topk_accuracy_over_two_processes_counts_every_image_once(tmp_path):
     assert metrics["cls/top1_error"] == pytest.approx(5 / 7) and metrics["cls/top5_error"] == pytest.approx(2 / 7)
 
 
-def tool(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=PYTHON_ENV, capture_output=True, text=True,
-                          timeout=timeout)
+def train_run(config_file, *overrides):
+    from tasks.engine import train
+    from tasks.tasks import get_task
+
+    config = load_config(ROOT / "configs" / config_file, list(overrides))
+    return train(get_task(config.task), config)
 
 
-def test_cifar_plain_and_residual_runs_and_their_figure6_curves(cifar_root, tmp_path):
+def test_cifar_plain_and_residual_runs_and_their_figure6_curves(cifar_root, tmp_path, capsys):
     """The paper's CIFAR configs run end to end on the CIFAR-format synthetic set (tiny depth and
     schedule), evaluation reloads the run, and tools/plot.py overlays their train and val errors."""
+    from safetensors.torch import load_file
+
+    from tools.eval import main as eval_main
+    from tools.plot import main as plot_main
+
     root, _, _ = cifar_root
     tiny = [f"data.root={root}", "data.num_workers=0", "train.batch_size=8", "train.max_iters=4", "train.eval_period=2",
             "train.log_period=2", "train.checkpoint_period=0", "eval.batch_size=16", "eval.num_visualize=4",
@@ -280,44 +288,44 @@ def test_cifar_plain_and_residual_runs_and_their_figure6_curves(cifar_root, tmp_
     runs = []
     for config in ("cifar10_plain20", "cifar10_resnet20"):
         out = tmp_path / config
-        result = tool("tools/train.py", f"configs/{config}.yaml", *tiny, f"output_dir={out}")
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "finished 4 iterations" in result.stdout and "cls/top1" in result.stdout
+        result = train_run(f"{config}.yaml", *tiny, f"output_dir={out}")
+        assert result.iterations == 4 and set(result.metrics) == {"cls/top1", "cls/top1_error", "cls/top5", "cls/top5_error"}
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["iteration"] for r in records if "top1_error" in r] == [2, 4]
         assert [r["iteration"] for r in records if "val/cls/top1_error" in r] == [2, 4]
-        assert any("val/cls/top5" in r for r in records)  # 10 class names: top-5 is reported
+        assert all(r["loss"] == r["loss_cls"] for r in records if "loss" in r)  # the logged error is not a loss
         runs.append(out)
-    from safetensors.torch import load_file
-
     state = load_file(runs[1] / "model.safetensors")
-    assert state["mean_image"].abs().sum() > 0  # the per-pixel mean of the 32 training images, kept with the weights
+    assert state["mean_image"].abs().sum() > 0  # the training images' per-pixel mean, kept with the weights
     assert (runs[1] / "visualizations" / "predictions.png").is_file()
     metrics = json.loads((runs[1] / "metrics.json").read_text())
-    evaluated = tool("tools/eval.py", str(runs[1]), "--output-dir", str(tmp_path / "eval"))
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert again["cls/top1"] == metrics["cls/top1"]
-    plotted = tool("tools/plot.py", *map(str, runs), "--output", str(tmp_path / "fig6.png"), "--names", "plain", "resnet")
-    assert plotted.returncode == 0, plotted.stderr[-3000:]
-    assert "top-1 error (train dashed, val solid)" in plotted.stdout and (tmp_path / "fig6.png").stat().st_size > 10_000
+    assert eval_main([str(runs[1]), "--output-dir", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["cls/top1"] == metrics["cls/top1"]
+    capsys.readouterr()
+    assert plot_main([*map(str, runs), "--output", str(tmp_path / "fig6.png"), "--names", "plain", "resnet"]) == 0
+    assert "top-1 error (train dashed, val solid)" in capsys.readouterr().out
+    assert (tmp_path / "fig6.png").stat().st_size > 10_000
 
 
-def test_quickstart_config_runs_on_folders_and_bad_input_is_one_line(tmp_path):
+def test_quickstart_config_runs_on_folders_and_bad_input_is_one_line(tmp_path, capsys):
+    from tools.train import main
+
     out = tmp_path / "qs"
-    result = tool("tools/train.py", "configs/quickstart_cls.yaml", f"data.root={tmp_path / 'crops'}", f"output_dir={out}",
-                  "data.synthetic.num_train=6", "data.synthetic.num_val=3", "data.synthetic.size=64",
-                  "data.num_workers=0", "train.max_iters=2", "train.batch_size=4", "train.eval_period=0",
-                  "eval.num_visualize=2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_run("quickstart_cls.yaml", f"data.root={tmp_path / 'crops'}", f"output_dir={out}", "data.synthetic.num_train=6",
+              "data.synthetic.num_val=3", "data.synthetic.size=64", "data.num_workers=0", "train.max_iters=2",
+              "train.batch_size=4", "train.eval_period=0", "eval.num_visualize=2")
     assert json.loads((out / "categories.json").read_text()) == [{"id": 0, "name": "circle"}, {"id": 1, "name": "square"},
                                                                  {"id": 2, "name": "triangle"}]
-    bad = tool("tools/train.py", "configs/quickstart_cls.yaml", "data.augmnt=cifar")
-    assert bad.returncode == 2 and "did you mean 'data.augment'" in bad.stderr
-    bad = tool("tools/train.py", "configs/cifar10_resnet20.yaml", f"data.root={tmp_path / 'none'}",
-               f"output_dir={tmp_path / 'none_run'}")
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
-    assert "error: cifar10 file" in bad.stderr and "cifar-10-batches-py" in bad.stderr
+    assert (out / "metrics.json").is_file()
+    capsys.readouterr()
+    assert main([str(ROOT / "configs" / "quickstart_cls.yaml"), "data.augmnt=cifar"]) == 2
+    assert "did you mean 'data.augment'" in capsys.readouterr().err
+    assert main([str(ROOT / "configs" / "quickstart_cls.yaml"), "data.format=cifar"]) == 2
+    assert "data.format must be one of coco, folder, cifar10, cifar100" in capsys.readouterr().err
+    assert main([str(ROOT / "configs" / "cifar10_resnet20.yaml"), f"data.root={tmp_path / 'none'}",
+                 f"output_dir={tmp_path / 'none_run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cifar10 file") and "cifar-10-batches-py" in err
 
 
 def test_backbone_learning_rate_multiplier_and_constant_warmup():
