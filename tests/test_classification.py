@@ -317,6 +317,11 @@ def test_quickstart_config_runs_on_folders_and_bad_input_is_one_line(tmp_path, c
     assert json.loads((out / "categories.json").read_text()) == [{"id": 0, "name": "circle"}, {"id": 1, "name": "square"},
                                                                  {"id": 2, "name": "triangle"}]
     assert (out / "metrics.json").is_file()
+    from tasks.tasks import prepare_config  # a config check reads no data: the class count can wait for it
+
+    prepare_config(load_config(ROOT / "configs" / "finetune_folder.yaml", [f"data.root={tmp_path / 'nothing'}",
+                                                                          "model.backbone.weights=null"]))
+    assert not (tmp_path / "nothing").exists()
     capsys.readouterr()
     assert main([str(ROOT / "configs" / "quickstart_cls.yaml"), "data.augmnt=cifar"]) == 2
     assert "did you mean 'data.augment'" in capsys.readouterr().err

@@ -53,10 +53,13 @@ class ClassificationTask:
         return resolve_classifier_config(model)
 
     def build_model(self, config: Config, init_weights: bool = True) -> nn.Module:
-        """The classifier; ``model.num_classes: 0`` takes the data's class count. When the model subtracts a
+        """The classifier; ``model.num_classes: 0`` takes the data's class count (on the meta device, where
+        ``prepare_config`` checks a config without reading data, one class stands in). When the model subtracts a
         per-pixel mean (``model.mean_image_size``), it is computed from the training split here (not when
         a checkpoint is loaded next: ``init_weights=False``)."""
-        num_classes = config.model.get("num_classes") or self.data_num_classes(config)
+        num_classes = config.model.get("num_classes")
+        if not num_classes:  # from the data; a config check (built on the meta device) reads no data
+            num_classes = 1 if torch.empty(()).is_meta else self.data_num_classes(config)
         model = build_classifier(config.model, num_classes, init_weights=init_weights)
         if init_weights and model.mean_image is not None and not model.pixel_mean.is_meta:
             dataset = self.train_dataset(config)
