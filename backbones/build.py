@@ -15,7 +15,7 @@ from .weights import load_pretrained
 
 # name -> (builder taking the remaining keys, the keys it accepts besides `name` and `weights`)
 _RESNET_KEYS = (
-    "depth", "out_features", "stride_in_1x1", "shortcut", "residual", "preact", "norm", "freeze_at",
+    "depth", "out_features", "stride_in_1x1", "shortcut", "shortcut_a_padding", "residual", "preact", "norm", "freeze_at",
     "zero_init_residual", "output_stride", "family", "in_channels", "fold_frozen_bn", "dilate_first_block",
     "width_per_group", "res2_out_channels",
 )

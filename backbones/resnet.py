@@ -36,6 +36,7 @@ BOTTLENECK_EXPANSION = 4
 CIFAR_WIDTHS = (16, 32, 64)
 FAMILIES = ("imagenet", "cifar")
 SHORTCUTS = ("A", "B", "C")
+SHORTCUT_A_PADDINGS = ("end", "both")
 
 
 def depth_spec(depth: int, family: str = "imagenet") -> DepthSpec:
@@ -79,19 +80,31 @@ class Stem(nn.Module):
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option A of the paper: identity, subsampled in space and zero-padded in channels. No parameters."""
+    """Option A of the paper: identity, subsampled in space and zero-padded in channels. No parameters.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
+    ``padding`` says where the zero channels go: ``end`` after the input's channels, ``both`` split
+    equally before and after them (half rounded down before), as several public CIFAR implementations do.
+    The two networks compute the same functions up to an order of channels, but a checkpoint only gives
+    its logits with the padding it was trained with."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, padding: str = "end"):
         super().__init__()
+        if padding not in SHORTCUT_A_PADDINGS:
+            raise ValueError(f"shortcut_a_padding must be one of {', '.join(SHORTCUT_A_PADDINGS)}, got {padding!r}")
         self.extra_channels = out_channels - in_channels
         self.stride = stride
+        self.padding = padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.extra_channels:
-            x = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+            before = self.extra_channels // 2 if self.padding == "both" else 0
+            x = F.pad(x, (0, 0, 0, 0, before, self.extra_channels - before))
         return x
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, extra_channels={self.extra_channels}, padding={self.padding}"
 
 
 class Projection(nn.Module):
@@ -132,6 +145,7 @@ class ResidualBlock(nn.Module):
         preact: bool,
         preactivate_input: bool = True,
         width: int | None = None,
+        shortcut_a_padding: str = "end",
     ):
         super().__init__()
         self.preact = preact
@@ -162,7 +176,7 @@ class ResidualBlock(nn.Module):
         elif shortcut == "C" or (shortcut == "B" and shape_changes):
             self.shortcut = Projection(in_channels, out_channels, stride, None if preact else norm)
         elif shortcut == "A" and shape_changes:
-            self.shortcut = ZeroPadShortcut(in_channels, out_channels, stride)
+            self.shortcut = ZeroPadShortcut(in_channels, out_channels, stride, shortcut_a_padding)
         else:
             self.shortcut = nn.Identity()
 
@@ -233,6 +247,7 @@ class ResNet(Backbone):
         *,
         stride_in_1x1: bool = True,
         shortcut: str = "B",
+        shortcut_a_padding: str = "end",
         residual: bool = True,
         preact: bool = False,
         norm: str = "BN",
@@ -250,6 +265,9 @@ class ResNet(Backbone):
         spec = depth_spec(depth, family)
         if shortcut not in SHORTCUTS:
             raise ValueError(f"unknown shortcut option {shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
+        if shortcut_a_padding not in SHORTCUT_A_PADDINGS:
+            raise ValueError(f"shortcut_a_padding must be one of {', '.join(SHORTCUT_A_PADDINGS)}, "
+                             f"got {shortcut_a_padding!r}")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
         self.depth, self.family, self.block = depth, family, spec.block
@@ -308,6 +326,7 @@ class ResNet(Backbone):
                         preact=preact,
                         preactivate_input=not (index == 0 and b == 0),
                         width=widths[index] if spec.block == "bottleneck" else None,
+                        shortcut_a_padding=shortcut_a_padding,
                     )
                 )
             self.add_module(name, nn.Sequential(*blocks))

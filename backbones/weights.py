@@ -309,13 +309,16 @@ def is_weights_name(source: str | Path) -> bool:
 
 
 def detect_format(state: dict[str, torch.Tensor], model: nn.Module) -> str:
-    """``native`` (this project's names), ``torchvision-resnet`` (torchvision's and timm's ResNet names),
+    """``native`` (this project's names), ``classifier`` (a classification run of this project: its
+    ``backbone.*`` tensors are the backbone's), ``torchvision-resnet`` (torchvision's and timm's ResNet names),
     ``detectron2-resnet`` (detectron2's ResNet names), ``caffe2-resnet`` (MSRA's original Caffe2 blob
     names) or ``timm`` (a timm model's own names, for a TimmBackbone)."""
     own = set(model.state_dict())
     keys = set(state)
     if len(keys & own) >= 0.5 * len(keys):
         return "native"
+    if "fc.weight" in keys and any(k.startswith("backbone.") for k in keys):
+        return "classifier"  # this project's classification checkpoint: backbone.* + the fc head
     if isinstance(model, TimmBackbone):
         return "timm"
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
@@ -355,8 +358,9 @@ def load_pretrained(model: nn.Module, source: str | Path) -> LoadReport:
     ``source`` is a checkpoint file (a torchvision, timm, detectron2 or MSRA Caffe2 ResNet, a timm model
     for a TimmBackbone, or this project's own; ``.pth``, ``.safetensors`` or ``.pkl``) or a name
     ``torchvision:resnet101.IMAGENET1K_V2`` / ``timm:resnet50.a1_in1k`` /
-    ``detectron2:ImageNetPretrained/MSRA/R-50.pkl``. A foreign ResNet checkpoint given to an FPN loads
-    into its bottom-up backbone. Raises listing every missing, unexpected or mis-shaped tensor.
+    ``detectron2:ImageNetPretrained/MSRA/R-50.pkl``, or a classification run's ``model.safetensors`` (its
+    backbone part). A foreign ResNet checkpoint (or a classifier) given to an FPN loads into its bottom-up
+    backbone. Raises listing every missing, unexpected or mis-shaped tensor.
     """
     source = str(source)
     state = fetch_named_weights(source) if is_weights_name(source) else read_checkpoint(source)
@@ -378,6 +382,12 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], sour
             continue
         if fmt == "native":
             new_key, module = key, key.split(".")[0]
+        elif fmt == "classifier":
+            if not key.startswith("backbone."):
+                report.skipped[key] = "classifier tensors (not part of a backbone)"
+                continue
+            new_key = key[len("backbone."):]
+            module = new_key.split(".")[0]
         elif fmt == "timm":
             new_key, module = _map_timm_key(key, model)
         elif fmt in _RESNET_KEY_MAPS and isinstance(model, ResNet):

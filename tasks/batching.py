@@ -13,7 +13,7 @@ def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel
                  size_divisibility: int, channels_last: bool = False, input_format: str = "RGB",
                  input_range: float = 1.0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Normalize each ``(3, H, W)`` RGB image (``uint8`` 0..255 or float 0..1) and zero-pad all, bottom and
-    right, into one ``(N, 3, H, W)`` batch whose sides are multiples of ``size_divisibility`` (0: no
+    right, into one ``(N, 3, H, W)`` batch (images of one size may come stacked as an ``(N, 3, H, W)`` tensor) whose sides are multiples of ``size_divisibility`` (0: no
     constraint), on the device of ``pixel_mean``. Returns the batch and each image's ``(h, w)``.
 
     The network's own input convention: pixels scaled to ``0..input_range`` (1: torchvision's, 255:
@@ -22,6 +22,17 @@ def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel
     pixel_std`` with ``pixel_mean``/``pixel_std`` (``(3, 1, 1)``) in those units and that order."""
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and size_divisibility <= 1:
+        # images of one size already stacked (N, 3, H, W) (classification): one pass, nothing to pad
+        batch = images.to(pixel_mean.device, non_blocking=True)
+        scale = (1.0 if input_range == 255 else 255 / input_range) if batch.dtype == torch.uint8 else 1 / input_range
+        batch = batch.float() if scale == 1 else batch.float() / scale
+        if input_format == "BGR":
+            batch = batch.flip(1)
+        batch = (batch - pixel_mean) / pixel_std
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch, [tuple(batch.shape[-2:])] * len(batch)
     sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
     divisor = max(size_divisibility, 1)
     height = -(-max(h for h, _ in sizes) // divisor) * divisor

@@ -64,7 +64,13 @@ class DataConfig:
     # segmentation
     class_set: str = "coco80"  # "voc20", "coco80" or "all" (every category of the annotation file)
     min_pixels: int = 1000  # training skips images whose selected classes cover less (by COCO area)
-    crop_size: int = 0  # training crop side after the random resize (0: no crop)
+    crop_size: int = 0  # training crop side after the random resize (0: no crop); classification: the input side
+    # classification
+    format: str = "coco"  # "coco" (detection, segmentation), "folder" (root/{train,val}/<class>/*), "cifar10", "cifar100"
+    download: bool = False  # cifar10/cifar100: fetch the published archive into data.root when missing
+    val_split: int = 0  # > 0: hold out the last N training images as the validation split (CIFAR: 5000 for 45k/5k)
+    augment: str = "imagenet"  # "cifar" (pad + random crop + flip), "imagenet" (random resized crop + flip), "none"
+    pad: int = 4  # augment cifar: zero pixels added on each side before the random crop
 
 
 @dataclass
@@ -76,11 +82,13 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     no_decay_norm_bias: bool = False  # True: no weight decay on norm parameters and biases
+    backbone_lr_mult: float = 1.0  # the backbone's learning rate is this times the rest's (fine-tuning: < 1)
     schedule: str = "step"  # "step" (gamma at each of steps), "cosine" or "poly" ((1 - t)^0.9)
     steps: list[int] = field(default_factory=lambda: [60000, 80000])
     gamma: float = 0.1
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
+    warmup_method: str = "linear"  # "linear" (warmup_factor rising to 1) or "constant" (warmup_factor throughout)
     grad_accum_steps: int = 1
     clip_grad_norm: float = 0.0  # 0: no clipping
     mixed_precision: str = "no"  # "no", "bf16", "fp16" (the --mixed_precision of accelerate launch wins)

@@ -16,7 +16,11 @@ from .coco_eval import CocoReport, format_per_category
 logger = logging.getLogger(__name__)
 
 # validation metrics worth a panel, in this order, when a run logged them
-VALIDATION_KEYS = ("bbox/AP", "bbox/AP50", "segm/mIoU", "segm/pixel_accuracy")
+VALIDATION_KEYS = ("bbox/AP", "bbox/AP50", "segm/mIoU", "segm/pixel_accuracy", "cls/top5_error")
+# classification: the training error (of the training batches, logged as they pass) and the validation
+# error of each run share one panel, dashed and solid in the run's colour (the paper's Figure 6)
+ERROR_PANEL = "top-1 error (train dashed, val solid)"
+ERROR_KEYS = ("top1_error", "val/cls/top1_error")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -61,13 +65,23 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, names: Sequenc
     losses = sorted({k for records in runs.values() for r in records for k in r if k.startswith("loss")},
                     key=lambda k: (k != "loss", k))
     validation = [k for k in VALIDATION_KEYS if any(f"val/{k}" in r for records in runs.values() for r in records)]
-    panels = [*losses, "lr", *(f"val/{k}" for k in validation)]
-    if not any(_series(records, key)[0] for records in runs.values() for key in panels):
+    errors = [ERROR_PANEL] if any(k in r for records in runs.values() for r in records for k in ERROR_KEYS) else []
+    panels = [*losses, "lr", *errors, *(f"val/{k}" for k in validation)]
+    if not any(_series(records, key)[0] for records in runs.values() for key in [*panels, *ERROR_KEYS]):
         raise UserError(f"no logged losses or metrics in {', '.join(map(str, run_dirs))}: has training started?")
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
     for axis, key in zip(axes.flat, panels):
+        if key == ERROR_PANEL:
+            for index, (name, records) in enumerate(runs.items()):
+                for series, style in zip(ERROR_KEYS, ("--", "-")):
+                    x, y = _series(records, series)
+                    if x:
+                        axis.plot(x, [100 * v for v in y], style, color=f"C{index % 10}", linewidth=1.2 if style == "--" else 2)
+            axis.set(title=key, xlabel="iteration", ylabel="error (%)")
+            axis.grid(alpha=0.3)
+            continue
         for index, (name, records) in enumerate(runs.items()):  # a run keeps its colour in every panel
             x, y = _series(records, key)
             if x:

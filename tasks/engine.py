@@ -3,7 +3,8 @@
 accelerate does the distribution (one process or many, CPU or GPU, one node or several), mixed
 precision, gradient accumulation and the checkpoint state (model, optimizer, schedule, progress and
 every process's RNG). The loop knows nothing about boxes or masks: a task gives it a model that returns
-a dict of losses, datasets, and an ``evaluate`` function.
+a dict of losses (the ``loss*`` entries are summed and optimized; any other entry, such as a training
+error, is only averaged and logged), datasets, and an ``evaluate`` function.
 """
 
 from __future__ import annotations
@@ -103,14 +104,15 @@ class _Progress:
 
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the learning rate at optimizer step ``i``: linear warmup from ``warmup_factor``, then
+    """Multiplier of the learning rate at optimizer step ``i``: linear warmup from ``warmup_factor`` (or,
+    ``warmup_method: constant``, ``warmup_factor`` for the ``warmup_iters`` steps, as the paper's ResNet-110), then
     a step decay (``gamma`` at each of ``steps``), a cosine decay to 0 at ``max_iters`` or the poly decay
     ``(1 - i / max_iters) ** 0.9`` of DeepLab and torchvision's segmentation recipes."""
 
     def factor(i: int) -> float:
         warmup = 1.0
         if i < train.warmup_iters:
-            alpha = i / train.warmup_iters
+            alpha = 0.0 if train.warmup_method == "constant" else i / train.warmup_iters
             warmup = train.warmup_factor * (1 - alpha) + alpha
         if train.schedule == "cosine":
             return warmup * 0.5 * (1 + math.cos(math.pi * min(i, train.max_iters) / train.max_iters))
@@ -123,22 +125,23 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict[str, Any]]:
-    """Trainable parameters, with weight decay 0 on norm parameters and biases if asked."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool, lr: float,
+                 backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """Trainable parameters with their learning rate and weight decay: weight decay 0 on norm parameters
+    and biases if asked, ``lr * backbone_lr_mult`` for the parameters of the model's ``backbone`` (the
+    fine-tuning of a pretrained one), ``lr`` for the rest."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-    for module in model.modules():
+    for module_name, module in model.named_modules():
+        in_backbone = backbone_lr_mult != 1.0 and (module_name == "backbone" or module_name.startswith("backbone."))
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            if no_decay_norm_bias and (isinstance(module, norm_types) or name == "bias"):
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+            decays = not (no_decay_norm_bias and (isinstance(module, norm_types) or name == "bias"))
+            groups.setdefault((in_backbone, decays), []).append(param)
+    return [{"params": params, "lr": lr * (backbone_lr_mult if in_backbone else 1.0),
+             "weight_decay": weight_decay if decays else 0.0}
+            for (in_backbone, decays), params in sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1]))]
 
 
 class CheckpointDir:
@@ -240,7 +243,8 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     total_batch = accelerator.num_processes * cfg.batch_size * cfg.grad_accum_steps
     lr = cfg.base_lr * total_batch / cfg.reference_batch_size
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias), lr=lr, momentum=cfg.momentum)
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias, lr, cfg.backbone_lr_mult),
+                                lr=lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
     progress = _Progress()
@@ -296,8 +300,8 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
                 if len(seen_images) < 64:
                     seen_images.extend(t.get("image_id", -1) for t in targets)
                 with accelerator.accumulate(model):
-                    losses = model(images, targets)
-                    loss = sum(losses.values())
+                    losses = model(images, targets)  # "loss*" terms are optimized; other entries are only logged
+                    loss = sum(v for k, v in losses.items() if k.startswith("loss"))
                     # one read-back per micro-batch: is the loss finite everywhere, and did any process get a stop signal
                     flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
                                          torch.tensor(float(stop.requested), device=loss.device)])
@@ -329,7 +333,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
                 values = torch.stack([window[k] / window_iters for k in sorted(window)]).to(accelerator.device)
                 values = accelerator.reduce(values, reduction="mean")
                 scalars = dict(zip(sorted(window), values.tolist()))
-                scalars["loss"] = sum(scalars.values())
+                scalars["loss"] = sum(v for k, v in scalars.items() if k.startswith("loss"))
                 elapsed = time.perf_counter() - window_start
                 scalars.update(lr=scheduler.get_last_lr()[0], iters_per_second=window_iters / max(elapsed, 1e-9))
                 if accelerator.is_main_process:

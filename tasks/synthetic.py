@@ -9,6 +9,9 @@ Deterministic from a seed. Writes the standard COCO layout under a root folder::
 Shapes do not overlap, so every polygon is also the visible mask and the semantic masks are exact.
 
     python -m tasks.synthetic datasets/synthetic --num-train 400 --num-val 100 --size 128
+
+``--crops`` writes instead a classification set in the image-folder layout (``generate_crops``): every
+shape cut out of its image, ``{train,val}/<shape>/*.png``.
 """
 
 from __future__ import annotations
@@ -129,6 +132,39 @@ def ensure_generated(root: str | Path, num_train: int, num_val: int, size: int, 
     return root
 
 
+def generate_crops(root: str | Path, num_train: int = 400, num_val: int = 100, size: int = 128, seed: int = 0,
+                   crop_size: int = 32) -> Path:
+    """A classification set in the image-folder layout, ``root/{train,val}/<shape>/*.png``: every shape of
+    ``num_train`` (``num_val``) synthetic images cut out as a square around its box (enlarged by a quarter,
+    so some background and parts of neighbours show) and resized to ``crop_size``. Returns ``root``."""
+    root = Path(root)
+    names = {c["id"]: c["name"] for c in CATEGORIES}
+    for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1)):
+        rng = np.random.default_rng(split_seed)
+        for name in names.values():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            image, objects, _ = make_image(rng, size)
+            padded = cv2.copyMakeBorder(image, size, size, size, size, cv2.BORDER_REFLECT)  # crops may pass the edge
+            for number, (kind, polygon) in enumerate(objects):
+                (x1, y1), (x2, y2) = polygon.min(axis=0), polygon.max(axis=0)
+                half = 0.625 * max(x2 - x1, y2 - y1)
+                cx, cy = (x1 + x2) / 2 + size, (y1 + y2) / 2 + size
+                crop = padded[int(round(cy - half)):int(round(cy + half)), int(round(cx - half)):int(round(cx + half))]
+                crop = cv2.resize(crop, (crop_size, crop_size), interpolation=cv2.INTER_AREA)
+                cv2.imwrite(str(root / split / names[kind] / f"{index:06d}_{number}.png"), crop[..., ::-1])
+    (root / "done").write_text("generated\n")  # written last: a complete set
+    return root
+
+
+def ensure_crops(root: str | Path, num_train: int, num_val: int, size: int, seed: int, crop_size: int = 32) -> Path:
+    """Generate the crops (``generate_crops``) unless a complete set is already there."""
+    root = Path(root)
+    if not (root / "done").is_file():
+        generate_crops(root, num_train, num_val, size, seed, crop_size)
+    return root
+
+
 @tool
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset in COCO layout.")
@@ -137,13 +173,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crops", type=int, default=0, metavar="SIZE",
+                        help="write SIZE x SIZE crops of the shapes in class folders (classification) instead")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     if args.num_train < 1 or args.num_val < 1 or args.size < 32:
         raise UserError(f"--num-train and --num-val must be at least 1 and --size at least 32, got "
                         f"{args.num_train}, {args.num_val}, {args.size}")
     try:
-        generate(args.root, args.num_train, args.num_val, args.size, args.seed)
+        if args.crops:
+            generate_crops(args.root, args.num_train, args.num_val, args.size, args.seed, args.crops)
+        else:
+            generate(args.root, args.num_train, args.num_val, args.size, args.seed)
     except OSError as error:
         raise UserError(f"cannot write the dataset under {args.root}: {error.strerror or error}") from error
     print(f"wrote {args.num_train} + {args.num_val} images to {args.root}")

@@ -12,7 +12,7 @@ from backbones.errors import UserError
 from .coco_eval import BACKENDS
 from .config import Config, ConfigError
 
-TASKS = ("detection", "segmentation")
+TASKS = ("detection", "segmentation", "classification")
 
 
 def get_task(name: str):
@@ -25,20 +25,28 @@ def get_task(name: str):
         from .segmentation.task import SegmentationTask
 
         return SegmentationTask()
+    if name == "classification":
+        from .classification.task import ClassificationTask
+
+        return ClassificationTask()
     raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
 
 
 _CHOICES = {
     "train.schedule": ("step", "cosine", "poly"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.warmup_method": ("linear", "constant"),
     "data.label_map": ("contiguous", "coco_id"),
     "data.class_set": ("voc20", "coco80", "all"),
+    "data.format": ("coco", "folder", "cifar10", "cifar100"),
+    "data.augment": ("cifar", "imagenet", "none"),
     "eval.backend": BACKENDS,
 }
 _AT_LEAST = {"train.max_iters": 1, "train.batch_size": 1, "train.grad_accum_steps": 1, "train.log_period": 1,
              "train.keep_checkpoints": 1, "train.checkpoint_period": 0, "train.eval_period": 0,
              "train.reference_batch_size": 1, "data.num_workers": 0, "eval.batch_size": 1,
-             "data.min_size_test": 1, "data.max_size_test": 1, "data.max_size_train": 1}
+             "data.min_size_test": 1, "data.max_size_test": 1, "data.max_size_train": 1,
+             "data.val_split": 0, "data.pad": 0, "data.crop_size": 0, "train.backbone_lr_mult": 0}
 
 
 def _value(config: Config, dotted: str):

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
 
     result = train(get_task(config.task), config)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
-                        if k.endswith(("/AP", "/AP50", "/AP75", "/mIoU", "/pixel_accuracy")))
+                        if k.endswith(("/AP", "/AP50", "/AP75", "/mIoU", "/pixel_accuracy", "/top1", "/top5")))
     print(f"finished {result.iterations} iterations in {result.output_dir}: {summary}")
     return 0
 
