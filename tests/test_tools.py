@@ -103,10 +103,12 @@ def test_user_errors_are_one_line_with_exit_code_2(shapes, tmp_path, capsys):
 def test_error_output_of_a_real_process_and_debug(tmp_path):
     plain = cli("tools/train.py", QUICKSTART, "model.backbone.depht=50")
     assert plain.returncode == 2
+    from backbones.build import _RESNET_KEYS
+
     assert plain.stderr.strip().splitlines() == [
-        "error: unknown key model.backbone.depht; did you mean 'model.backbone.depth'? (valid keys: depth, "
-        "out_features, stride_in_1x1, shortcut, residual, preact, norm, freeze_at, zero_init_residual, "
-        "output_stride, family, in_channels, fold_frozen_bn, dilate_first_block, width_per_group, res2_out_channels)"]
+        "error: unknown key model.backbone.depht; did you mean 'model.backbone.depth'? (valid keys: "
+        f"{', '.join(_RESNET_KEYS)})"]
+    assert _RESNET_KEYS[:4] == ("depth", "out_features", "stride_in_1x1", "shortcut")
     debug = cli("tools/train.py", QUICKSTART, "model.backbone.depht=50", "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
 
