@@ -125,8 +125,8 @@ class CocoTable:
         try:
             image_of = np.fromiter((a["image_id"] for a in annotations), dtype=np.int64, count=len(annotations))
         except (KeyError, TypeError, ValueError):
-            bad = next(i for i, a in enumerate(annotations)
-                       if not isinstance(a, dict) or not isinstance(a.get("image_id"), (int, np.integer)))
+            bad = next((i for i, a in enumerate(annotations)
+                        if not isinstance(a, dict) or not isinstance(a.get("image_id"), (int, np.integer))), 0)
             raise UserError(f"annotation {bad} (id {annotations[bad].get('id') if isinstance(annotations[bad], dict) else None}) "
                             f"in {where} has no valid 'image_id'") from None
         row_of_image = np.searchsorted(self.image_ids, image_of)
