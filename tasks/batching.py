@@ -24,12 +24,7 @@ def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel
         raise ValueError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
     if isinstance(images, torch.Tensor) and images.dim() == 4 and size_divisibility <= 1:
         # images of one size already stacked (N, 3, H, W) (classification): one pass, nothing to pad
-        batch = images.to(pixel_mean.device, non_blocking=True)
-        scale = (1.0 if input_range == 255 else 255 / input_range) if batch.dtype == torch.uint8 else 1 / input_range
-        batch = batch.float() if scale == 1 else batch.float() / scale
-        if input_format == "BGR":
-            batch = batch.flip(1)
-        batch = (batch - pixel_mean) / pixel_std
+        batch = normalize_image(images, pixel_mean, pixel_std, input_format, input_range)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch, [tuple(batch.shape[-2:])] * len(batch)
@@ -48,13 +43,13 @@ def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel
 
 def normalize_image(image: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, input_format: str = "RGB",
                     input_range: float = 1.0) -> torch.Tensor:
-    """One ``(3, H, W)`` RGB image (``uint8`` 0..255 or float 0..1) in the network's convention (see
-    ``batch_images``): float, on the device of ``pixel_mean``."""
+    """One ``(3, H, W)`` RGB image, or a stack ``(N, 3, H, W)`` of them (``uint8`` 0..255 or float 0..1),
+    in the network's convention (see ``batch_images``): float, on the device of ``pixel_mean``."""
     image = image.to(pixel_mean.device, non_blocking=True)
     if image.dtype == torch.uint8:  # 0..255 kept as it is where the network wants that (no rounding on the way)
         image = image.float() if input_range == 255 else image.float() / (255 / input_range)
     else:
         image = image.float() if input_range == 1 else image.float() * input_range
     if input_format == "BGR":
-        image = image.flip(0)
+        image = image.flip(-3)
     return (image - pixel_mean) / pixel_std

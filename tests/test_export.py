@@ -79,6 +79,13 @@ def match_one_to_one(reference: dict, candidate: dict) -> None:
         free[torch.where(fits)[0][0]] = False
 
 
+def save_seeded_model(config, path: Path) -> None:
+    """The config's model, initialised from seed 0, saved as the checkpoint the tools read."""
+    torch.manual_seed(0)
+    model = get_task(config.task).build_model(config, init_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
 @pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
 def test_onnx_detector_gives_the_pytorch_detections(exported, layout):
     model, onnx_model = exported[layout]
@@ -128,9 +135,7 @@ def test_export_and_infer_tools_on_grayscale_and_cmyk_photos(exported, shapes, t
     overrides = [*TINY, f"data.root={shapes}", "data.min_size_test=256", "data.max_size_test=400",
                  "model.rpn.post_nms_topk=[500,100]"]
     config = prepare_config(load_config(ROOT / "configs" / "quickstart.yaml", overrides))
-    torch.manual_seed(0)
-    model = get_task("detection").build_model(config, init_weights=False)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    save_seeded_model(config, tmp_path / "model.safetensors")
     images = tmp_path / "images"
     images.mkdir()
     Image.open(PHOTOS[1]).convert("L").save(images / "gray.jpg")
@@ -210,9 +215,7 @@ def test_infer_tool_on_an_exported_segmenter_writes_the_same_class_maps(tmp_path
     config_file = str(ROOT / "configs" / "quickstart_fcn.yaml")
     overrides = ["data.min_size_test=96", "data.max_size_test=128"]
     config = prepare_config(load_config(config_file, overrides))
-    torch.manual_seed(0)
-    model = get_task("segmentation").build_model(config, init_weights=False)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "fcn.safetensors"))
+    save_seeded_model(config, tmp_path / "fcn.safetensors")
     images = tmp_path / "images"
     images.mkdir()
     Image.open(PHOTOS[3]).convert("CMYK").save(images / "cmyk.jpg")
