@@ -240,7 +240,7 @@ config.eval.batch_size, config.data.num_workers = 2, 0
 metrics = ClassificationTask().evaluate(Lookup(), Fixed(), accelerator, Path("."), config)
 if accelerator.is_main_process:
     print("METRICS " + json.dumps(metrics))
-accelerator.wait_for_everyone()
+accelerator.end_training()  # the gloo process group closes before the interpreter does
 """
 
 
