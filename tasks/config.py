@@ -111,7 +111,7 @@ class EvalConfig:
 class Config:
     task: str = "detection"
     output_dir: str = "runs/default"
-    resume: Optional[str] = None  # "auto": continue from the run's latest checkpoint if any; or a path
+    resume: Optional[str] = None  # "auto": continue from the run's latest checkpoint if any; or a path; None/false: start anew
     seed: int = 42
     model: dict[str, Any] = field(default_factory=dict)  # validated by the task's model builder
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,6 +181,9 @@ def _key_error(full_key: str, problem: str) -> ConfigError:
     return ConfigError(f"{problem} {full_key!r}{hint}{listing}")
 
 
+NO_RESUME = ("false", "no", "none", "null", "")  # resume values that mean "start anew", as None does
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read ``path`` (with its ``_base_`` chain), apply ``key=value`` overrides, validate, and return the
     typed config."""
@@ -191,13 +194,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     schema = OmegaConf.structured(Config)
     try:
         raw = merge_sections(raw, OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))))
-        return OmegaConf.to_object(OmegaConf.merge(schema, raw))
+        config = OmegaConf.to_object(OmegaConf.merge(schema, raw))
     except (ConfigKeyError, ConfigAttributeError) as error:
         raise _key_error(str(error.full_key or error.key), f"unknown config key in {path}:") from None
     except ValidationError as error:
         raise ConfigError(f"config {path}: wrong value for {error.full_key!r}: {error.msg}") from None
     except OmegaConfBaseException as error:
         raise ConfigError(f"config {path}: {error}") from None
+    if str(config.resume).lower() in NO_RESUME:  # resume=false (YAML's false arrives as the string "False")
+        config.resume = None
+    return config
 
 
 def to_yaml(config: Config) -> str:

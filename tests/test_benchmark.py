@@ -86,3 +86,10 @@ def test_eval_mode_times_both_backends_on_the_same_numbers(tmp_path):
     assert results["images"] == 60 and results["results"] == 60 * 20 and results["same_numbers"]
     assert set(results["seconds"]) == {"pycocotools", "faster_coco_eval"} and results["time_ratio"] > 0
     assert 0.05 < results["AP"] < 0.9  # found objects, false positives and misses: neither 0 nor perfect
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+def test_gpu_suite_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    assert main(["--suite", "gpu", "--output", str(tmp_path)]) == 2
+    assert "--suite gpu needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()

@@ -22,6 +22,15 @@ def test_base_inheritance_and_overrides(tmp_path):
     assert "depth: 152" in to_yaml(config)
 
 
+def test_resume_false_or_null_starts_anew(tmp_path):
+    auto = write(tmp_path / "auto.yaml", "resume: auto\n")
+    assert load_config(auto).resume == "auto"
+    for value in ("false", "False", "null", "no", ""):
+        assert load_config(auto, [f"resume={value}"]).resume is None, value
+    assert load_config(write(tmp_path / "off.yaml", "resume: false\n")).resume is None
+    assert load_config(auto, ["resume=runs/x/checkpoints/iter_0000010"]).resume == "runs/x/checkpoints/iter_0000010"
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

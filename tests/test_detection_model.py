@@ -43,16 +43,21 @@ def torchvision_reference(seed: int, min_size: int = 480) -> torchvision.models.
     return randomize_frozen_(reference).eval()
 
 
+def ours_from_torchvision(reference: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """Our torchvision-exact detector (no score threshold), loaded from ``reference``'s checkpoint file."""
+    torch.save(reference.state_dict(), folder / "fasterrcnn.pth")
+    config = yaml.safe_load(open(ROOT / "configs" / "frcnn_r50_fpn_torchvision.yaml"))["model"]
+    config["roi_heads"]["score_thresh"] = 0.0
+    ours = build_detector(config).eval()
+    assert load_detector_weights(ours, folder / "fasterrcnn.pth") == "torchvision-detection"
+    return ours
+
+
 def test_torchvision_fasterrcnn_equivalence(tmp_path):
     """torchvision's fasterrcnn_resnet50_fpn and ours, same random weights (loaded from torchvision's
     checkpoint format), same real photos at torchvision's test scale: same detections."""
     reference = torchvision_reference(0)
-    torch.save(reference.state_dict(), tmp_path / "fasterrcnn.pth")
-
-    config = yaml.safe_load(open(ROOT / "configs" / "frcnn_r50_fpn_torchvision.yaml"))["model"]
-    config["roi_heads"]["score_thresh"] = 0.0
-    ours = build_detector(config).eval()
-    assert load_detector_weights(ours, tmp_path / "fasterrcnn.pth") == "torchvision-detection"
+    ours = ours_from_torchvision(reference, tmp_path)
 
     files = sorted(glob.glob(str(TINYCOCO / "images" / "val2017" / "*.jpg")))[:3]
     images = []

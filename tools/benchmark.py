@@ -25,6 +25,10 @@ ours / ONNX Runtime. Pretrained weights are not loaded: both models
 start from random weights. ``--cpu-allocator retain`` makes glibc keep freed memory
 for reuse, which takes page-fault time (and its dependence on the other model) out of CPU figures.
 
+    python tools/benchmark.py --suite gpu --output DIR [--device cuda] [--size HxW] [--iters N] [--warmup W]
+
+--suite gpu runs everything the GPU figures need and writes one report, ``DIR/report.json`` (``gpu_suite``).
+
 eval (no config): COCO bbox evaluation of a COCO-val-sized synthetic ground truth and results set
 (``synthetic_coco_eval_set``), timed with each backend (pycocotools, faster_coco_eval) side by side:
 seconds for loading the results, evaluating, accumulating and summarizing, ``time_ratio`` (faster /
@@ -474,12 +478,121 @@ def benchmark_eval(args) -> dict:
             "versions": {p: version(p) for p in ("pycocotools", "faster-coco-eval")}}
 
 
+# (config, name) of the models the GPU suite measures against torchvision
+GPU_SUITE_MODELS = [("configs/frcnn_r50.yaml", "R50-FPN"), ("configs/frcnn_r101.yaml", "R101-FPN"),
+                    ("configs/frcnn_r101_c4.yaml", "R101-C4")]
+
+
+def gpu_suite(args) -> dict:
+    """The CUDA tests and every GPU figure, each step a subprocess of its own (logs in ``DIR/logs``):
+
+    1. ``tests/test_cuda.py`` (pytest, JUnit XML in ``DIR/cuda_tests.xml``);
+    2. training and inference of R50-FPN, R101-FPN and R101-C4 side by side with torchvision, bf16, at
+       ``--size`` (default 800x1088, a COCO image at test scale, padded), with each config's own batch
+       sizes (``train.batch_size``, ``eval.batch_size``);
+    3. the training data pipeline of R50-FPN with its ``data.num_workers`` workers, on ``datasets/coco``
+       when it is there, else on the test photos (``../shared/data/tinycoco``);
+    4. the detection quickstart end to end (``tools/train.py configs/quickstart.yaml``): seconds and AP.
+
+    The report holds each step's command, exit code, seconds and results, the device and versions, and the
+    targets (training time_ratio <= 0.67, >= 60 images/s, memory_ratio <= 1.0; inference time_ratio <= 0.67;
+    data >= 2x training images/s) with the figure reached. ``--device cpu`` is a dry run of the suite
+    itself: the tests on the CPU (``RESDET_TEST_DEVICE=cpu``), a 4-iteration quickstart."""
+    import importlib.util
+    import os
+    import subprocess
+    import xml.etree.ElementTree as ElementTree
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--suite gpu needs a CUDA device, and torch sees none (torch.cuda.is_available() is False); "
+                        "--device cpu runs a short dry run of the suite itself")
+    missing = [name for name in ("pytest", "pycocotools", "albumentations") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"--suite gpu needs {', '.join(missing)}: pip install -e '.[test]'")
+    if not args.output:
+        raise UserError("--suite gpu writes a folder of results: give it with --output DIR")
+    root = Path(__file__).resolve().parents[1]
+    out = Path(args.output).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    dry_run = not args.device.startswith("cuda")
+    iters, warmup = args.iters or (20 if not dry_run else 1), args.warmup if args.warmup is not None else (5 if not dry_run else 0)
+    steps: dict[str, dict] = {}
+
+    def step(name: str, command: list[str], env: dict | None = None) -> dict:
+        print(f"[suite] {name}: {' '.join(command)}", flush=True)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, *command], cwd=root, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})})
+        (out / "logs" / f"{name}.log").write_text(done.stdout + done.stderr)
+        steps[name] = {"command": " ".join(["python", *command]), "returncode": done.returncode,
+                       "seconds": round(time.perf_counter() - start, 1)}
+        if done.returncode:
+            print(f"[suite] {name} failed (exit {done.returncode}); its log: {out / 'logs' / (name + '.log')}", flush=True)
+        return steps[name]
+
+    def results_of(path: Path) -> dict | None:
+        return json.loads(path.read_text())["results"] if path.is_file() else None
+
+    tests = step("cuda_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
+                                f"--junitxml={out / 'cuda_tests.xml'}"], env={"RESDET_TEST_DEVICE": args.device})
+    if (out / "cuda_tests.xml").is_file():
+        cases = ElementTree.parse(out / "cuda_tests.xml").getroot().iter("testcase")
+        tests["outcomes"] = {f"{c.get('classname', '').rsplit('.', 1)[-1]}::{c.get('name')}":
+                             next((child.tag for child in c if child.tag in ("failure", "error", "skipped")), "passed")
+                             for c in cases}
+    common = ["--device", args.device, "--size", args.size, "--iters", str(iters), "--warmup", str(warmup)]
+    figures: dict[str, dict] = {}
+    for config_file, name in GPU_SUITE_MODELS:
+        config = load_config(root / config_file)
+        for mode, batch in (("train", config.train.batch_size), ("infer", config.eval.batch_size)):
+            key = f"{mode} {name}"
+            path = out / f"{mode}_{name.lower()}.json"
+            step(key, ["tools/benchmark.py", config_file, "--mode", mode, "--compare", "torchvision",
+                       "--mixed-precision", "bf16", "--batch-size", str(batch), *common, "--output", str(path)])
+            figures[key] = results_of(path)
+    coco = root / "datasets" / "coco"
+    data_overrides = ([f"data.root={coco}"] if (coco / "annotations").is_dir() else
+                      [f"data.root={root.parent / 'shared' / 'data' / 'tinycoco'}", "data.train.images=images/train2017"])
+    step("data R50-FPN", ["tools/benchmark.py", "configs/frcnn_r50.yaml", "--mode", "data", *data_overrides,
+                          "--iters", str(max(iters, 25)), "--warmup", "5", "--batch-size", "2",
+                          "--output", str(out / "data_r50-fpn.json")])
+    figures["data R50-FPN"] = results_of(out / "data_r50-fpn.json")
+    quick = ["tools/train.py", "configs/quickstart.yaml", f"output_dir={out / 'quickstart'}",
+             f"data.root={out / 'synthetic'}", "resume=false"]
+    quickstart = step("quickstart", quick + (["train.max_iters=4", "train.checkpoint_period=0"] if dry_run else []))
+    metrics = out / "quickstart" / "metrics.json"
+    quickstart["metrics"] = json.loads(metrics.read_text()) if metrics.is_file() else None
+
+    def figure(key: str, *fields: str):
+        value = figures.get(key)
+        for field in fields:
+            value = value.get(field) if isinstance(value, dict) else None
+        return value
+
+    train_rate, data_rate = figure("train R50-FPN", "ours", "images_per_second"), figure("data R50-FPN", "images_per_second")
+    targets = [  # (what, figure reached, bound, at most or at least)
+        ("train R50-FPN time_ratio", figure("train R50-FPN", "time_ratio"), 0.67, "at most"),
+        ("train R50-FPN images/s", train_rate, 60.0, "at least"),
+        ("train R50-FPN memory_ratio", figure("train R50-FPN", "memory_ratio"), 1.0, "at most"),
+        ("infer R50-FPN time_ratio", figure("infer R50-FPN", "time_ratio"), 0.67, "at most"),
+        ("data images/s / train images/s", data_rate / train_rate if data_rate and train_rate else None, 2.0, "at least"),
+    ]
+    checked = {what: {"figure": value, "target": f"{side} {bound}",
+                      "met": None if value is None else (value <= bound if side == "at most" else value >= bound)}
+               for what, value, bound, side in targets}
+    return {"dry_run": dry_run, "iters": iters, "warmup": warmup, "steps": steps, "figures": figures,
+            "targets": checked, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "all_steps_ran": all(s["returncode"] == 0 for s in steps.values())}
+
+
 @tool
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="the config to measure (all modes but eval)")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--mode", choices=["train", "infer", "data", "eval"], default="train")
+    parser.add_argument("--suite", choices=["gpu"], help="gpu: the CUDA tests and every GPU figure, one report in "
+                                                         "--output DIR (see gpu_suite)")
     parser.add_argument("--images", type=int, default=5000, help="eval: images of the synthetic set (COCO val: 5000)")
     parser.add_argument("--per-image", type=int, default=100, help="eval: detections an image")
     parser.add_argument("--synthetic-coco-train", type=int, nargs="?", const=118287, default=0, metavar="IMAGES",
@@ -488,17 +601,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compare", choices=["torchvision", "onnxruntime"])
     parser.add_argument("--weights", help="--compare onnxruntime: the exported .onnx file to run (default: ours, "
                                           "exported in this run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda where there is one; --suite gpu: cuda)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--size", default="800x1088")
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, help="timed iterations (default 5; --suite gpu: 20)")
+    parser.add_argument("--warmup", type=int, help="untimed iterations first (default 2; --suite gpu: 5)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     parser.add_argument("--output")
     parser.add_argument("--cpu-allocator", choices=["default", "retain"], default="default",
                         help="retain: glibc keeps freed memory for reuse (see retain_freed_memory)")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
+    args.device = args.device or ("cuda" if args.suite or torch.cuda.is_available() else "cpu")
+    if args.suite == "gpu":
+        report = gpu_suite(args)
+        args.output, args.iters, args.warmup = str(Path(args.output) / "report.json"), report["iters"], report["warmup"]
+        _report(args, report)
+        return 0 if report["all_steps_ran"] else 1
+    args.iters = 5 if args.iters is None else args.iters
+    args.warmup = 2 if args.warmup is None else args.warmup
     if args.mode == "eval":
         return _report(args, benchmark_eval(args))
     if args.config is None:
@@ -513,7 +634,7 @@ def main(argv: list[str]) -> int:
 def _report(args, results: dict) -> int:
     """Print and write the results with what they were measured on."""
     record = {
-        "config": args.config, "overrides": args.overrides, "mode": args.mode, "device": args.device,
+        "config": args.config, "overrides": args.overrides, "mode": args.suite or args.mode, "device": args.device,
         "batch_size": args.batch_size, "size": args.size, "iters": args.iters, "warmup": args.warmup,
         "mixed_precision": args.mixed_precision, "cpu_allocator": args.cpu_allocator, "command": " ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
         "hardware": {"machine": platform.machine(), "processor": platform.processor(),
