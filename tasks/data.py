@@ -18,8 +18,14 @@ from tqdm import tqdm
 from backbones.errors import UserError, UserFileNotFoundError
 
 
+# the image files the tools and datasets list: torchvision's decoders read the first five, OpenCV the rest
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_OPENCV_SUFFIXES = (".bmp", ".tif", ".tiff")
+
+
 def read_image(path: str | Path, image_id: int | str | None = None, annotation_file: str | Path | None = None) -> np.ndarray:
-    """RGB ``uint8`` array ``(H, W, 3)`` decoded by torchvision's libjpeg-turbo / libpng decoders.
+    """RGB ``uint8`` array ``(H, W, 3)`` decoded by torchvision's libjpeg-turbo / libpng decoders (BMP and
+    TIFF, which they do not read, by OpenCV's).
 
     Grayscale, palette and CMYK images come out as RGB. A missing, truncated or undecodable file is a
     ``UserError`` naming the file, the image id and the annotation file that lists it. (torchvision 0.29
@@ -36,8 +42,13 @@ def read_image(path: str | Path, image_id: int | str | None = None, annotation_f
         data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
         if data.numel() == 0:
             raise ValueError("the file is empty")
+        if path.suffix.lower() in _OPENCV_SUFFIXES:
+            image = cv2.imdecode(data.numpy(), cv2.IMREAD_COLOR)  # 8-bit BGR whatever the stored depth and colours
+            if image is None:
+                raise ValueError("OpenCV cannot decode it")
+            return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         image = decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError, OSError) as error:
+    except (RuntimeError, ValueError, OSError, cv2.error) as error:
         reason = " ".join(str(error).split())
         raise UserError(f"cannot decode image {where}: {reason}; replace the file or remove the image from the "
                         "annotations (tools/check_data.py --decode finds every such file)") from error

@@ -38,7 +38,6 @@ _CHOICES = {
     "train.warmup_method": ("linear", "constant"),
     "data.label_map": ("contiguous", "coco_id"),
     "data.class_set": ("voc20", "coco80", "all"),
-    "data.format": ("coco", "folder", "cifar10", "cifar100"),
     "data.augment": ("cifar", "imagenet", "none"),
     "eval.backend": BACKENDS,
 }
@@ -65,6 +64,9 @@ def prepare_config(config: Config) -> Config:
     for key, choices in _CHOICES.items():
         if _value(config, key) not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {_value(config, key)!r}")
+    if config.data.format not in task.data_formats:  # e.g. a classification folder given to a detector
+        raise ConfigError(f"data.format must be one of {', '.join(task.data_formats)} for task {config.task}, "
+                          f"got {config.data.format!r}")
     for key, least in _AT_LEAST.items():
         if _value(config, key) < least:
             raise ConfigError(f"{key} must be at least {least}, got {_value(config, key)}")

@@ -326,7 +326,7 @@ def test_quickstart_config_runs_on_folders_and_bad_input_is_one_line(tmp_path, c
     assert main([str(ROOT / "configs" / "quickstart_cls.yaml"), "data.augmnt=cifar"]) == 2
     assert "did you mean 'data.augment'" in capsys.readouterr().err
     assert main([str(ROOT / "configs" / "quickstart_cls.yaml"), "data.format=cifar"]) == 2
-    assert "data.format must be one of coco, folder, cifar10, cifar100" in capsys.readouterr().err
+    assert "data.format must be one of folder, cifar10, cifar100 for task classification, got 'cifar'" in capsys.readouterr().err
     assert main([str(ROOT / "configs" / "cifar10_resnet20.yaml"), f"data.root={tmp_path / 'none'}",
                  f"output_dir={tmp_path / 'none_run'}"]) == 2
     err = capsys.readouterr().err

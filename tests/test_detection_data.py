@@ -119,6 +119,20 @@ def test_grayscale_cmyk_palette_images_decode_to_rgb(tmp_path, mode):
     np.testing.assert_array_equal(decoded, np.asarray(Image.open(path).convert("RGB")))
 
 
+@pytest.mark.parametrize("suffix, mode", [(".bmp", "RGB"), (".bmp", "L"), (".tif", "RGB"), (".tiff", "CMYK")])
+def test_bmp_and_tiff_decode_to_rgb(tmp_path, suffix, mode):
+    """BMP and TIFF, which torchvision's decoders do not read, are read by OpenCV: the pixels Pillow reads."""
+    pixels = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    path = tmp_path / f"image{suffix}"
+    Image.fromarray(pixels).convert(mode).save(path)
+    decoded = read_image(path)
+    assert decoded.shape == (20, 30, 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, np.asarray(Image.open(path).convert("RGB")))
+    path.write_bytes(b"BM not really a bitmap")
+    with pytest.raises(UserError, match=f"cannot decode image {path}"):
+        read_image(path)
+
+
 def copy_val(tmp_path) -> Path:
     shutil.copytree(TINYCOCO / "images" / "val2017", tmp_path / "images")
     return tmp_path / "images"

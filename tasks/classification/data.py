@@ -18,12 +18,10 @@ from torch.utils.data import Dataset
 from backbones.errors import UserError, UserFileNotFoundError
 from backbones.weights import read_pickled_arrays
 
-from ..data import read_image
+from ..data import IMAGE_SUFFIXES, read_image
 
 logger = logging.getLogger(__name__)
 
-# what read_image (torchvision's decoders) reads; other files in a class folder are not images to it
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 AUGMENTATIONS = ("cifar", "imagenet", "none")
 CIFAR_FORMATS = ("cifar10", "cifar100")
 
@@ -48,9 +46,9 @@ def scan_image_folder(folder: str | Path, classes: Sequence[str] | None = None) 
                         f"classes: {', '.join(classes)})")
     samples: list[tuple[Path, int]] = []
     for name in found:
-        files = sorted(p for p in (folder / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in (folder / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise UserError(f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); add some or "
+            raise UserError(f"class folder {folder / name} has no images ({', '.join(IMAGE_SUFFIXES)}); add some or "
                             "remove the folder")
         samples.extend((path, classes.index(name)) for path in files)
     return list(classes), samples

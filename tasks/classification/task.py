@@ -48,6 +48,8 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 class ClassificationTask:
     """A backbone + global average pooling + fc on class folders or CIFAR-10/100."""
 
+    data_formats = ("folder", *CIFAR_FORMATS)  # the data.format values it reads
+
     @staticmethod
     def resolve_model(model: dict[str, Any]) -> dict[str, Any]:
         return resolve_classifier_config(model)

@@ -16,6 +16,7 @@ from backbones.errors import UserError, UserFileNotFoundError
 
 from ..coco_table import read_coco_json
 from ..config import Config, resolve_path
+from ..data import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ COCO_CATEGORIES: dict[int, str] = {
     79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
     87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_images(path: str | Path) -> list[Path]:

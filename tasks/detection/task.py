@@ -38,6 +38,8 @@ def prepare_data_root(config: Config) -> Path:
 class DetectionTask:
     """Faster R-CNN on a COCO-layout dataset."""
 
+    data_formats = ("coco",)  # the data.format values it reads
+
     @staticmethod
     def resolve_model(model: dict[str, Any]) -> dict[str, Any]:
         return resolve_detector_config(model)

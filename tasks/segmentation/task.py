@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 class SegmentationTask:
     """FCN on COCO (or the synthetic shapes) semantic masks."""
 
+    data_formats = ("coco",)  # the data.format values it reads
+
     @staticmethod
     def resolve_model(model: dict[str, Any]) -> dict[str, Any]:
         return resolve_segmenter_config(model)
