@@ -496,10 +496,12 @@ def gpu_suite(args) -> dict:
 
     The report holds each step's command, exit code, seconds and results, the device and versions, and the
     R50-FPN targets (training time_ratio <= 1/1.5, >= 60 images/s, memory_ratio <= 1.0; inference
-    time_ratio <= 1/1.5; data >= 2x training images/s) with the figure reached. ``--device cpu`` is a dry run of the suite
-    itself: the tests on the CPU (``RESDET_TEST_DEVICE=cpu``), a 4-iteration quickstart."""
+    time_ratio <= 1/1.5; data >= 2x training images/s) with the figure reached. Results of an earlier run
+    in the same folder are removed first. ``--device cpu`` is a dry run of the suite itself: the tests on
+    the CPU (``RESDET_TEST_DEVICE=cpu``), a 4-iteration quickstart."""
     import importlib.util
     import os
+    import shutil
     import subprocess
     import xml.etree.ElementTree as ElementTree
 
@@ -513,9 +515,16 @@ def gpu_suite(args) -> dict:
         raise UserError("--suite gpu writes a folder of results: give it with --output DIR")
     root = Path(__file__).resolve().parents[1]
     out = Path(args.output).resolve()
+    written = ["report.json", "cuda_tests.xml", "data_r50-fpn.json",
+               *(f"{mode}_{name.lower()}.json" for _, name in GPU_SUITE_MODELS for mode in ("train", "infer"))]
+    for earlier in ("logs", "quickstart", "synthetic"):  # what this suite wrote before, and nothing else
+        shutil.rmtree(out / earlier, ignore_errors=True)
+    for earlier in written:
+        (out / earlier).unlink(missing_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     dry_run = not args.device.startswith("cuda")
-    iters, warmup = args.iters or (20 if not dry_run else 1), args.warmup if args.warmup is not None else (5 if not dry_run else 0)
+    iters = args.iters or (1 if dry_run else 20)
+    warmup = args.warmup if args.warmup is not None else (0 if dry_run else 5)
     steps: dict[str, dict] = {}
 
     def step(name: str, command: list[str], env: dict | None = None) -> dict:
