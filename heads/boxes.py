@@ -42,8 +42,11 @@ class BoxCoder:
 
     def decode(self, deltas: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Boxes from ``deltas`` (..., K*4) applied to ``reference`` (..., 4): (..., K*4), one box per group
-        of four (K classes for class-specific regression)."""
-        reference = reference.to(deltas.dtype)
+        of four (K classes for class-specific regression). Computed in at least float32: under bf16/fp16
+        autocast the deltas arrive in half precision, and rounding the reference boxes to it would move
+        coordinates of 1000 px by up to 8 px (bf16's step there)."""
+        dtype = torch.promote_types(deltas.dtype, torch.float32)
+        deltas, reference = deltas.to(dtype), reference.to(dtype)
         wx, wy, ww, wh = self.weights
         widths = (reference[..., 2] - reference[..., 0]).unsqueeze(-1)
         heights = (reference[..., 3] - reference[..., 1]).unsqueeze(-1)

@@ -57,6 +57,20 @@ def test_box_coding_by_hand_and_round_trip():
     assert torch.equal(coder.decode(multi, refs), tv.decode_single(multi, refs))
 
 
+def test_decode_in_half_precision_keeps_the_reference_boxes_exact():
+    """Under bf16 autocast the head's deltas come in bf16; decoding rounds nothing else: boxes near 1300 px
+    equal the float32 decoding of the same deltas (bf16 steps there are 8 px)."""
+    generator = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=generator) * 1200
+    reference = torch.cat([xy, xy + 16 + torch.rand(500, 2, generator=generator) * 100], 1)
+    deltas = (torch.randn(500, 4, generator=generator) * 0.2).to(torch.bfloat16)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoded = coder.decode(deltas, reference)
+    assert decoded.dtype == torch.float32
+    assert (decoded - coder.decode(deltas.float(), reference)).abs().max() <= 1e-3
+
+
 def test_decode_clamps_huge_scales():
     decoded = BoxCoder().decode(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
     assert decoded[0, 2] - decoded[0, 0] == pytest.approx(1000.0, rel=1e-4)
