@@ -13,8 +13,9 @@ def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel
                  size_divisibility: int, channels_last: bool = False, input_format: str = "RGB",
                  input_range: float = 1.0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Normalize each ``(3, H, W)`` RGB image (``uint8`` 0..255 or float 0..1) and zero-pad all, bottom and
-    right, into one ``(N, 3, H, W)`` batch (images of one size may come stacked as an ``(N, 3, H, W)`` tensor) whose sides are multiples of ``size_divisibility`` (0: no
-    constraint), on the device of ``pixel_mean``. Returns the batch and each image's ``(h, w)``.
+    right, into one ``(N, 3, H, W)`` batch whose sides are multiples of ``size_divisibility`` (0: no
+    constraint), on the device of ``pixel_mean``. Images of one size may come stacked as one ``(N, 3, H,
+    W)`` tensor. Returns the batch and each image's ``(h, w)``.
 
     The network's own input convention: pixels scaled to ``0..input_range`` (1: torchvision's, 255:
     detectron2's and Caffe2's), channels in ``input_format`` order (``RGB``, or ``BGR`` for networks

@@ -327,6 +327,10 @@ def test_quickstart_config_runs_on_folders_and_bad_input_is_one_line(tmp_path, c
     assert "did you mean 'data.augment'" in capsys.readouterr().err
     assert main([str(ROOT / "configs" / "quickstart_cls.yaml"), "data.format=cifar"]) == 2
     assert "data.format must be one of folder, cifar10, cifar100 for task classification, got 'cifar'" in capsys.readouterr().err
+    from tools.infer import main as infer
+
+    assert infer([str(out), "--input", str(tmp_path), "--output", str(tmp_path / "infer")]) == 2
+    assert "tools/infer.py runs detection and segmentation models, not classification" in capsys.readouterr().err
     assert main([str(ROOT / "configs" / "cifar10_resnet20.yaml"), f"data.root={tmp_path / 'none'}",
                  f"output_dir={tmp_path / 'none_run'}"]) == 2
     err = capsys.readouterr().err

@@ -29,10 +29,18 @@ from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_run
 from tasks.data import ImageFiles, inference_batches
 from tasks.deploy import is_onnx, load_onnx
-from tasks.detection import build_detector
-from tasks.detection.checkpoint import load_detector_weights
 from tasks.detection.inference import draw_detections, label_names, list_images, to_coco_results
-from tasks.tasks import prepare_config
+from tasks.tasks import get_task, prepare_config
+
+def load_model(config, weights: Path):
+    """The config's model with ``weights``; an exported ``.onnx`` file runs on ONNX Runtime instead."""
+    if is_onnx(weights):
+        return load_onnx(weights, config.task)
+    task = get_task(config.task)
+    model = task.build_model(config, init_weights=False)  # the checkpoint replaces the initialisation
+    task.load_weights(model, weights)
+    return model
+
 
 def image_batches(config, files: list[Path], progress_name: str):
     """The files decoded and resized to the config's test scale by ``data.num_workers`` DataLoader workers,
@@ -52,11 +60,7 @@ def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args
     from tasks.segmentation.task import SegmentationTask
 
     task = SegmentationTask()
-    if is_onnx(weights):
-        model = load_onnx(weights, config.task)
-    else:
-        model = task.build_model(config, init_weights=False)
-        task.load_weights(model, weights)
+    model = load_model(config, weights)
     model.to(args.device).eval()
     names = segmentation_names(config, run_dir, model.num_classes)
     for batch in image_batches(config, files, "segment"):
@@ -87,17 +91,16 @@ def main(argv: list[str]) -> int:
 
     config, run_dir, weights = load_run(args.config, args.weights, args.overrides)
     config = prepare_config(config)
+    if config.task not in ("detection", "segmentation"):
+        raise UserError(f"tools/infer.py runs detection and segmentation models, not {config.task} ones "
+                        "(tools/eval.py evaluates a classifier)")
     files = list_images(args.input)  # before any model is built
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     if config.task == "segmentation":
         return segment(config, run_dir, weights, files, args, output)
-    if is_onnx(weights):
-        model = load_onnx(weights, config.task)
-    else:
-        model = build_detector(config.model, init_weights=False)  # the checkpoint replaces the initialisation
-        load_detector_weights(model, weights)
+    model = load_model(config, weights)
     label_to_category, names = label_names(config, run_dir, model.num_classes)
     model.to(args.device).eval()
 
