@@ -78,12 +78,11 @@ class ClassificationTask:
 
     @staticmethod
     def data_num_classes(config: Config) -> int:
-        """The class count of the configured data, without reading images (folder names only)."""
+        """The class count of the configured data, without reading images (folder names only); ``data.format``
+        is one of ``data_formats`` (``prepare_config`` checks it)."""
         data = config.data
         if data.format in CIFAR_FORMATS:
             return 10 if data.format == "cifar10" else 100
-        if data.format != "folder":
-            raise UserError(f"task classification reads data.format folder, cifar10 or cifar100, got {data.format!r}")
         if data.synthetic is not None:
             return len(CATEGORIES)
         classes, _ = scan_image_folder(Path(data.root) / "train")
@@ -111,8 +110,6 @@ class ClassificationTask:
                 raise UserError(f"data.crop_size is {image_size}, CIFAR images are {images.shape[1]} pixels")
             source = f"{data.format} {split}"
             return CifarDataset(images, labels, names, indices, transform, source)
-        if data.format != "folder":
-            raise UserError(f"task classification reads data.format folder, cifar10 or cifar100, got {data.format!r}")
         root = Path(data.root)
         if data.synthetic is not None:
             s = data.synthetic
