@@ -13,7 +13,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -436,6 +436,17 @@ def remap_keys(state: dict[str, torch.Tensor], mapping: Callable[[str], str | No
         elif not key.endswith(_OPTIONAL_SUFFIX):
             unplaced.append(key)
     return mapped, unplaced
+
+
+def keep_new_heads(model: nn.Module, state: dict[str, torch.Tensor], keys: Sequence[str]) -> None:
+    """Fine-tuning on another class count: each of ``keys`` (a head's tensors) whose shape in ``state``
+    differs from the model's is replaced in ``state`` by the model's own, initialised tensor, and logged;
+    everything else is left to load strictly."""
+    own = model.state_dict()
+    for key in keys:
+        if key in state and state[key].shape != own[key].shape:
+            logger.info("left initialised: %s (checkpoint %s, model %s)", key, tuple(state[key].shape), tuple(own[key].shape))
+            state[key] = own[key]
 
 
 def strict_load(

@@ -3,18 +3,15 @@ ResNet classifier whole (backbone and ``fc``)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from backbones import ResNet
 from backbones.weights import (
-    _check_resnet_layout, fetch_named_weights, is_weights_name, map_torchvision_resnet_key, read_checkpoint, remap_keys,
-    strict_load,
+    _check_resnet_layout, fetch_named_weights, is_weights_name, keep_new_heads, map_torchvision_resnet_key,
+    read_checkpoint, remap_keys, strict_load,
 )
 
 from .model import ImageClassifier
-
-logger = logging.getLogger(__name__)
 
 HEAD_KEYS = ("fc.weight", "fc.bias")
 
@@ -49,13 +46,8 @@ def load_classifier_weights(model: ImageClassifier, source: str | Path, new_clas
         if isinstance(model.backbone, ResNet):  # same shapes whatever the layout: check that it is theirs
             _check_resnet_layout(model.backbone, source, stride_in_1x1=False)
         state, unexpected = remap_keys(state, _map_torchvision_classifier_key)
-    own = model.state_dict()
     if new_classes:
-        for key in HEAD_KEYS:
-            if key in state and state[key].shape != own[key].shape:
-                logger.info("new head: %s left initialised (checkpoint %s, model %s)", key, tuple(state[key].shape),
-                            tuple(own[key].shape))
-                state[key] = own[key]
+        keep_new_heads(model, state, HEAD_KEYS)
     hint = ("is model.num_classes right? To fine-tune on other classes, start training from these weights with "
             "model.weights, or give them to model.backbone.weights")
     strict_load(model, state, source, fmt, unexpected, hint)

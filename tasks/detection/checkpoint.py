@@ -6,7 +6,6 @@ background class, the RPN's anchor order), then one strict load: every tensor pl
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -14,13 +13,11 @@ import torch
 
 from backbones.errors import UserError
 from backbones.weights import (
-    fetch_named_weights, is_weights_name, map_by_rules, map_detectron2_resnet_key, map_torchvision_resnet_key,
-    read_checkpoint, remap_keys, strict_load,
+    fetch_named_weights, is_weights_name, keep_new_heads, map_by_rules, map_detectron2_resnet_key,
+    map_torchvision_resnet_key, read_checkpoint, remap_keys, strict_load,
 )
 
 from .model import FasterRCNN
-
-logger = logging.getLogger(__name__)
 
 PREDICTOR_KEYS = tuple(f"roi_heads.predictor.{layer}.{p}" for layer in ("cls_score", "bbox_pred") for p in ("weight", "bias"))
 
@@ -138,11 +135,7 @@ def load_detector_weights(model: FasterRCNN, source: str | Path, new_classes: bo
         state, unexpected = remap_keys(state, _map_detectron2_detection_key)
         state = _from_detectron2_layout(model, state)
     if new_classes:
-        own = model.state_dict()
-        kept = [k for k in PREDICTOR_KEYS if k in state and state[k].shape != own[k].shape]
-        for key in kept:
-            logger.info("left initialised: %s (checkpoint %s, model %s)", key, tuple(state[key].shape), tuple(own[key].shape))
-            state[key] = own[key]
+        keep_new_heads(model, state, PREDICTOR_KEYS)
     hints = {"torchvision-detection": "is model.num_classes right? torchvision's COCO detectors have 90 classes + background",
              "detectron2-detection": "is model.num_classes right (detectron2's COCO detectors have 80)? To fine-tune "
                                      "on other classes, start training from these weights with model.weights"}
