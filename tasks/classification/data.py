@@ -22,7 +22,6 @@ from ..data import IMAGE_SUFFIXES, read_image
 
 logger = logging.getLogger(__name__)
 
-AUGMENTATIONS = ("cifar", "imagenet", "none")
 CIFAR_FORMATS = ("cifar10", "cifar100")
 
 
@@ -247,9 +246,8 @@ def classification_transform(train: bool, augment: str, crop_size: int, resize_t
     ``crop_size`` square and flips horizontally; evaluation uses the image as it is (images must be
     ``crop_size`` squares). ``imagenet``: training takes a random resized crop (8-100% of the area, aspect
     3/4-4/3) of ``crop_size`` and flips; evaluation resizes the shorter side to ``resize_test`` and takes the
-    central ``crop_size`` square. ``none``: no augmentation (images must share one size)."""
-    if augment not in AUGMENTATIONS:
-        raise UserError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+    central ``crop_size`` square. ``none``: no augmentation (images must share one size). ``prepare_config``
+    checks ``augment`` (``data.augment``) against these three."""
     flip = [A.HorizontalFlip(p=flip_prob)] if flip_prob > 0 else []
     if augment == "none":
         return None
