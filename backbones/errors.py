@@ -1,4 +1,4 @@
-"""The one exception type for user errors, shared by every package of the project.
+"""The exceptions every tool handles, shared by every package of the project: user errors and a stopped run.
 
 A ``UserError`` is a fault in what the user gave (a config key or value, a file, an image, an annotation,
 a checkpoint that does not fit): its message says what, where and what to do, in one line. The tools
@@ -18,3 +18,13 @@ class UserError(ValueError):
 
 class UserFileNotFoundError(UserError, FileNotFoundError):
     """A file or folder the user named (in a config, on the command line) does not exist."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped by SIGTERM or SIGINT after a checkpoint was written at ``iteration`` on every
+    process. Not a fault: the tools print the message and exit with ``128 + signum`` (143 for SIGTERM, 130
+    for SIGINT); the same command with ``resume=auto`` continues."""
+
+    def __init__(self, message: str, iteration: int, signum: int):
+        super().__init__(message)
+        self.iteration, self.signum = iteration, signum

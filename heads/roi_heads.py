@@ -22,7 +22,6 @@ from backbones import ShapeSpec
 from .boxes import BoxCoder, Matcher, box_loss, clip_boxes, sample_balanced
 from .roi_align import sparse_roi_align
 
-
 POOLER_IMPLS = ("auto", "torchvision", "sparse")
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Callable
 
-from backbones.errors import UserError
+from backbones.errors import TrainingInterrupted, UserError
 
 DEBUG_HELP = "show the traceback of errors in the input (also RESDET_DEBUG=1)"
 
@@ -56,8 +56,6 @@ def tool(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
     def run(argv: list[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         setup_logging()
-        from tasks.engine import TrainingInterrupted
-
         try:
             return main(argv)
         except TrainingInterrupted as stopped:

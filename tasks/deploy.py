@@ -26,16 +26,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
 from backbones.errors import UserError
-
-from .batching import normalize_image
+from heads import RoIPooler
+from tasks.detection.model import rescale_boxes
+from tasks.modeling.batching import normalize_image
 
 INSTALL_HINT = 'install the export extra: pip install -e ".[export]"'
 DEFAULT_OPSET = 17
@@ -104,8 +108,6 @@ class SegmenterGraph(nn.Module):
 def _exportable(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode with torchvision's RoIAlign (the sparse CPU one has no ONNX form) for the
     duration of an export; restored afterwards."""
-    from heads import RoIPooler
-
     poolers = [m for m in model.modules() if isinstance(m, RoIPooler)]
     saved = [m.impl for m in poolers]
     was_training = model.training
@@ -161,8 +163,6 @@ def export_onnx(model: nn.Module, task: str, path: str | Path, metadata: Mapping
 def _quiet_tracing() -> Iterator[None]:
     """Tracing warns about every Python value it freezes; those the export relies on are the model's
     settings (thresholds, top-k), which are meant to be constants."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
@@ -244,8 +244,6 @@ class OnnxDetector(OnnxModel):
         return len(self.classes)
 
     def forward(self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]] | None = None):
-        from .detection.model import rescale_boxes
-
         detections = []
         for index, image in enumerate(images):
             found = self.run(image, index)
@@ -297,8 +295,6 @@ def export_program(model: nn.Module, task: str, path: str | Path) -> Path:
     selected by thresholds and NMS, whose counts depend on the data; ``torch.export`` needs every such
     count bounded and every branch on it removed, which the RPN and the RoI heads (shared with training)
     do not provide."""
-    from torch.export import Dim
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _exportable(model), torch.no_grad():
@@ -325,8 +321,6 @@ def export_program(model: nn.Module, task: str, path: str | Path) -> Path:
 def onnx_runner(model: nn.Module, config, mode: str, weights: str | Path | None = None) -> OnnxModel:
     """The ONNX Runtime side of ``tools/benchmark.py --compare onnxruntime``: ``weights`` (an exported
     file) or else ``model`` itself, exported to a temporary file (the same weights on both sides)."""
-    import tempfile
-
     if mode != "infer":
         raise UserError(f"--compare onnxruntime measures inference: use --mode infer, not --mode {mode}")
     if weights is not None:

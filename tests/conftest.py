@@ -1,7 +1,9 @@
+import socket
+
 import pytest
 import torch
 
-from tasks.synthetic import generate
+from tasks.data.synthetic import generate
 
 # overrides that shrink configs/quickstart.yaml to a seconds-long run (tests of the engine and the tools)
 TINY = [
@@ -11,6 +13,14 @@ TINY = [
     "data.num_workers=0", "train.batch_size=2", "train.log_period=1", "train.warmup_iters=2",
     "train.schedule=step", "train.steps=[100]", "eval.num_visualize=1", "resume=auto",
 ]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: each multi-process test's rendezvous gets its own, so tests run
+    side by side (pytest-xdist) do not meet on accelerate's default port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -7,21 +7,20 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
+from conftest import free_port, randomize_
 from PIL import Image
 
 from backbones.errors import UserError, UserFileNotFoundError
 from backbones.resnet import ZeroPadShortcut
 from tasks.classification.data import read_cifar, scan_image_folder
 from tasks.classification.model import build_classifier
-from tasks.classification.task import topk_correct
-from tasks.config import load_config
+from tasks.classification.task import ClassificationTask, topk_correct
+from tasks.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -79,7 +78,7 @@ def write_cifar_by_hand(root, images, labels, test_images, test_labels, names):
 def cifar_root(tmp_path_factory):
     """A CIFAR-10-format set of synthetic shape crops: 40 training and 12 test images (3 classes, labels
     0..2 of 10 names)."""
-    from tasks.synthetic import generate_crops
+    from tasks.data.synthetic import generate_crops
 
     crops = generate_crops(tmp_path_factory.mktemp("crops"), num_train=16, num_val=6, size=64, seed=5)
     split = {}
@@ -165,6 +164,12 @@ def test_option_a_padding_both_and_end_give_identical_logits_after_conversion():
         torch.testing.assert_close(end(images), reference, rtol=1e-5, atol=1e-5)
 
 
+def started_from(model: dict):
+    """The classifier ``model`` describes, started from its ``weights`` as training starts it (the task
+    builds, then loads)."""
+    return ClassificationTask().build_model(Config(task="classification", model=model))
+
+
 def test_finetune_head_swap_and_torchvision_classifier(tmp_path):
     import torchvision
     from safetensors.torch import save_file
@@ -172,7 +177,7 @@ def test_finetune_head_swap_and_torchvision_classifier(tmp_path):
     backbone = {"name": "resnet", "depth": 18, "stride_in_1x1": False}
     tv = randomize_(torchvision.models.resnet18(num_classes=7)).eval()
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    ours = build_classifier({"num_classes": 7, "weights": str(tmp_path / "tv.pth"), "backbone": backbone}).eval()
+    ours = started_from({"num_classes": 7, "weights": str(tmp_path / "tv.pth"), "backbone": backbone}).eval()
     images = torch.rand(2, 3, 64, 80)
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     with torch.no_grad():
@@ -182,22 +187,22 @@ def test_finetune_head_swap_and_torchvision_classifier(tmp_path):
     torch.manual_seed(1)
     fresh = build_classifier({"num_classes": 3, "backbone": backbone}).state_dict()
     torch.manual_seed(1)
-    tuned = build_classifier({"num_classes": 3, "weights": str(tmp_path / "run.safetensors"), "backbone": backbone})
+    tuned = started_from({"num_classes": 3, "weights": str(tmp_path / "run.safetensors"), "backbone": backbone})
     for key, value in tuned.state_dict().items():
         expected = fresh[key] if key.startswith("fc.") else ours.state_dict()[key]  # a new head, all else loaded
         assert torch.equal(value, expected), key
     with pytest.raises(UserError, match=r"do not match ImageClassifier: missing from the checkpoint \(80\): backbone.res2.2"):  # strict but the head
-        build_classifier({"num_classes": 3, "weights": str(tmp_path / "run.safetensors"),
-                          "backbone": {**backbone, "depth": 34}})
+        started_from({"num_classes": 3, "weights": str(tmp_path / "run.safetensors"),
+                      "backbone": {**backbone, "depth": 34}})
     with pytest.raises(UserError, match="set stride_in_1x1: false"):
-        build_classifier({"num_classes": 7, "weights": str(tmp_path / "tv.pth"),
-                          "backbone": {"name": "resnet", "depth": 50, "stride_in_1x1": True}})
+        started_from({"num_classes": 7, "weights": str(tmp_path / "tv.pth"),
+                      "backbone": {"name": "resnet", "depth": 50, "stride_in_1x1": True}})
 
 
 def test_classifier_backbone_feeds_detection_and_segmentation(tmp_path):
     from safetensors.torch import save_file
 
-    from tasks.tasks import get_task
+    from tasks.registry import get_task
 
     classifier = randomize_(build_classifier({"num_classes": 5, "backbone": {"name": "resnet", "depth": 18,
                                                                              "stride_in_1x1": False}}))
@@ -255,7 +260,7 @@ def test_topk_accuracy_over_two_processes_counts_every_image_once(tmp_path):
     script = tmp_path / "topk.py"
     script.write_text(TOPK_SCRIPT)
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                             "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
                              json.dumps(logits.tolist()), json.dumps(labels)],
                             cwd=ROOT, env={**PYTHON_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -267,7 +272,7 @@ def test_topk_accuracy_over_two_processes_counts_every_image_once(tmp_path):
 
 def train_run(config_file, *overrides):
     from tasks.engine import train
-    from tasks.tasks import get_task
+    from tasks.registry import get_task
 
     config = load_config(ROOT / "configs" / config_file, list(overrides))
     return train(get_task(config.task), config)
@@ -317,7 +322,7 @@ def test_quickstart_config_runs_on_folders_and_bad_input_is_one_line(tmp_path, c
     assert json.loads((out / "categories.json").read_text()) == [{"id": 0, "name": "circle"}, {"id": 1, "name": "square"},
                                                                  {"id": 2, "name": "triangle"}]
     assert (out / "metrics.json").is_file()
-    from tasks.tasks import prepare_config  # a config check reads no data: the class count can wait for it
+    from tasks.registry import prepare_config  # a config check reads no data: the class count can wait for it
 
     prepare_config(load_config(ROOT / "configs" / "finetune_folder.yaml", [f"data.root={tmp_path / 'nothing'}",
                                                                           "model.backbone.weights=null"]))

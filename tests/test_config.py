@@ -72,7 +72,7 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").gl
 def test_every_shipped_config_loads_and_builds(path):
     import torch
 
-    from tasks.tasks import get_task
+    from tasks.registry import get_task
 
     config = load_config(path, ["model.backbone.weights=null"])
     if config.task == "classification" and not config.model["num_classes"]:  # from the data folders: none here

@@ -171,8 +171,8 @@ def test_segmenter_trains_and_infers(precision):
     model.eval()
     with torch.no_grad(), torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = model(images)
-    assert [tuple(l.shape) for l in logits] == [(5, *size) for size in SIZES]
-    assert all(torch.isfinite(l).all() and l.device.type == DEVICE.type for l in logits)
+    assert [tuple(logit.shape) for logit in logits] == [(5, *size) for size in SIZES]
+    assert all(torch.isfinite(logit).all() and logit.device.type == DEVICE.type for logit in logits)
 
 
 def test_segmenter_fp32_equals_the_cpu():
@@ -246,7 +246,7 @@ def test_engine_trains_and_evaluates_the_quickstart_on_one_gpu(tmp_path):
     the README's bar reached (AP >= 0.5)."""
     from tasks.config import load_config
     from tasks.engine import train
-    from tasks.tasks import get_task
+    from tasks.registry import get_task
 
     config = load_config(ROOT / "configs" / "quickstart.yaml",
                          [f"data.root={tmp_path / 'synthetic'}", f"output_dir={tmp_path / 'run'}"])

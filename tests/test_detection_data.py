@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from backbones.errors import UserError
-from tasks.data import read_image, shortest_edge_size
+from tasks.data.images import read_image, shortest_edge_size
 from tasks.detection.data import CocoDetection, detection_transform
 
 TINYCOCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinycoco"

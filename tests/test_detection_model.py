@@ -9,11 +9,11 @@ import pytest
 import torch
 import torchvision
 import yaml
+from conftest import randomize_frozen_
 from PIL import Image
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from conftest import randomize_frozen_
 from backbones.errors import UserError
 from tasks.detection import build_detector
 from tasks.detection.checkpoint import load_detector_weights
@@ -140,7 +140,7 @@ def test_crowd_boxes_are_ignored_by_the_roi_heads():
     target = {"boxes": torch.tensor([[1.0, 1.0, 32.0, 32.0], [100.0, 100.0, 132.0, 132.0]]),
               "labels": torch.tensor([3, 2]), "iscrowd": torch.tensor([False, True])}
     sampled, labels, _ = model.roi_heads.sample_proposals(proposals, [target])
-    by_box = {tuple(b.tolist()): int(l) for b, l in zip(sampled[0], labels)}
+    by_box = {tuple(box.tolist()): int(label) for box, label in zip(sampled[0], labels)}
     assert by_box[(0.0, 0.0, 32.0, 32.0)] == 3
     assert (100.0, 100.0, 131.0, 131.0) not in by_box  # matched to the crowd box: neither fg nor bg
     assert by_box[(300.0, 300.0, 310.0, 310.0)] == 0
@@ -276,7 +276,7 @@ def test_drawings_colour_each_class_and_hide_low_scores():
     below the threshold left out; the validation drawing puts the ground truth beside the predictions."""
     import numpy as np
 
-    from tasks.detection.inference import class_color, draw_detections, side_by_side
+    from tasks.detection.drawing import class_color, draw_detections, side_by_side
 
     image = np.full((120, 200, 3), 255, np.uint8)
     detections = {"boxes": torch.tensor([[10.0, 40.0, 60.0, 100.0], [100.0, 40.0, 180.0, 110.0], [5.0, 5.0, 195.0, 115.0]]),

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_
 from PIL import Image
 
 from backbones import ResNet, load_pretrained
@@ -23,9 +24,7 @@ from backbones.weights import detectron2_cache_path, detectron2_url, fetch_named
 from tasks.config import load_config
 from tasks.detection.checkpoint import load_detector_weights
 from tasks.detection.model import build_detector
-from tasks.tasks import prepare_config
-
-from conftest import randomize_
+from tasks.registry import get_task, prepare_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "data" / "detectron2_reference"
@@ -129,7 +128,7 @@ def test_fine_tuning_from_a_zoo_checkpoint_keeps_new_class_predictor(caplog):
     config = load_config(CONFIGS / "faster_rcnn_R_50_FPN_1x.yaml",
                          NARROW + ["model.num_classes=3", f"model.weights={REFERENCE / 'faster_rcnn_R_50_FPN_1x.pkl'}"])
     with caplog.at_level("INFO"):
-        model = build_detector(config.model)
+        model = get_task("detection").build_model(config)  # built, then started from model.weights
     theirs, ours = reference.state_dict(), model.state_dict()
     for key, value in ours.items():
         if key.startswith("roi_heads.predictor."):
@@ -289,7 +288,7 @@ def test_infer_tool_with_a_zoo_file_gives_detectron2_detections(tmp_path):
                  "--input", str(folder), "--output", str(tmp_path / "out"), "data.min_size_test=480",
                  "data.max_size_test=640", f"data.root={tmp_path / 'no_coco_here'}", *NARROW]) == 0
     predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
-    from tasks.detection.inference import COCO_CATEGORIES
+    from tasks.data.coco import COCO_CATEGORIES
 
     coco_ids = sorted(COCO_CATEGORIES)
     assert len(predictions) == len(expected["boxes"]) and predictions[0]["image_id"] == 444010

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, free_port
 
 from tasks.config import load_config
 from tasks.engine import NonFiniteLossError, train
-from tasks.tasks import get_task
+from tasks.registry import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "data" / "coco_eval_reference"
@@ -62,7 +62,8 @@ def test_non_finite_loss_stops_naming_iteration_and_term(shapes, tmp_path):
 
 def launch(*args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
+                           "--main_process_port", str(free_port()), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -149,8 +150,8 @@ def test_bad_input_names_the_problem(shapes, tmp_path):
 def test_faster_coco_eval_backend_equals_pycocotools(iou_type, capsys):
     """The optional faster-coco-eval backend gives pycocotools' 12 numbers to 1e-6 on the official
     reference files (pycocotools stays the default and the reference)."""
-    from tasks.coco_eval import STAT_NAMES, coco_report, load_results
-    from tasks.detection.data import load_coco
+    from tasks.data.coco import load_coco
+    from tasks.evaluation.coco import STAT_NAMES, coco_report, load_results
 
     gt = load_coco(REFERENCE / "instances_val2014_100.json")
     results = load_results(REFERENCE / f"instances_val2014_fake{iou_type}100_results.json")
@@ -195,7 +196,7 @@ def test_results_travel_between_processes_as_compact_arrays():
     """Evaluation gathers box results as (N, 7) arrays: the round trip gives back exactly the entries."""
     import numpy as np
 
-    from tasks.coco_eval import array_to_results, load_results, results_to_array
+    from tasks.evaluation.coco import array_to_results, load_results, results_to_array
 
     results = load_results(REFERENCE / "instances_val2014_fakebbox100_results.json")
     array = results_to_array(results)

@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 
 from backbones.errors import UserError
 from tasks.config import load_config
-from tasks.data import read_image
+from tasks.data.images import read_image
 from tasks.deploy import EXAMPLE_SIZE, OnnxDetector, OnnxSegmenter, export_metadata, export_onnx, export_program
 from tasks.detection import build_detector
+from tasks.registry import get_task, prepare_config
 from tasks.segmentation import build_segmenter
-from tasks.tasks import get_task, prepare_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((ROOT.parent / "shared" / "data" / "tinycoco" / "images" / "val2017").glob("*.jpg"))

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import free_port, randomize_
 from pycocotools import mask as mask_utils
 
 from backbones import ResNet
-from conftest import randomize_
 from heads.fcn import SegmentationHead
+from tasks.evaluation.miou import confusion_matrix, segmentation_metrics
 from tasks.segmentation import build_segmenter
 from tasks.segmentation.checkpoint import load_segmenter_weights
-from tasks.segmentation.data import IGNORE, CocoSegmentation, confusion_matrix, segmentation_metrics, segmentation_transform
+from tasks.segmentation.data import IGNORE, CocoSegmentation, segmentation_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 TINYCOCO = ROOT.parent / "shared" / "data" / "tinycoco"
@@ -106,7 +107,7 @@ def test_class_sets():
 
 
 def test_synthetic_masks_equal_the_generators(tmp_path):
-    from tasks.synthetic import generate
+    from tasks.data.synthetic import generate
 
     root = generate(tmp_path, num_train=4, num_val=1, size=64, seed=5)
     data = CocoSegmentation(root / "annotations" / "instances_train2017.json", root / "train2017", "all")
@@ -192,7 +193,7 @@ def test_infer_tool_writes_overlays_and_label_maps(tmp_path):
 
 
 def test_two_process_evaluation_equals_one_process(tmp_path):
-    from tasks.synthetic import generate
+    from tasks.data.synthetic import generate
 
     root = generate(tmp_path / "shapes", num_train=4, num_val=5, size=64, seed=2)
     model = build_segmenter({"layout": "fcn8s", "num_classes": 4, "aux": False,
@@ -206,7 +207,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tools/eval.py",
+                          "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tools/eval.py",
                           *common, "--output-dir", str(tmp_path / "two")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
@@ -221,7 +222,7 @@ def test_segmentation_quickstart_reaches_its_bar(tmp_path):
     synthetic split."""
     from tasks.config import load_config
     from tasks.engine import train
-    from tasks.tasks import get_task
+    from tasks.registry import get_task
 
     config = load_config(ROOT / "configs" / "quickstart_fcn.yaml",
                          [f"data.root={tmp_path / 'synthetic'}", f"output_dir={tmp_path / 'run'}"])
@@ -232,7 +233,7 @@ def test_segmentation_quickstart_reaches_its_bar(tmp_path):
 
 def test_compact_table_draws_every_annotation_as_pycocotools_does():
     """Polygons and crowd RLEs packed in the table give pycocotools' ``annToMask`` masks, pixel for pixel."""
-    from tasks.coco_table import CocoTable
+    from tasks.data.coco import CocoTable
 
     data = tinycoco()
     table, coco = CocoTable(data.annotation_file, segmentation=True), data.coco

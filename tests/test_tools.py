@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import TINY
+from conftest import TINY, free_port
 from safetensors.torch import save_file
 
 from tasks.config import load_config, to_yaml
 from tasks.engine import train
-from tasks.tasks import get_task, prepare_config
+from tasks.registry import get_task, prepare_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -45,7 +44,7 @@ def error_line(main, argv, capsys) -> str:
 # --- one-line errors, failing fast -------------------------------------------------------------------
 
 def test_user_errors_are_one_line_with_exit_code_2(shapes, tmp_path, capsys):
-    from tasks.synthetic import main as generate_main
+    from tasks.data.synthetic import main as generate_main
     from tools.benchmark import main as benchmark
     from tools.check_data import main as check_data
     from tools.eval import main as evaluate
@@ -242,13 +241,14 @@ def _interrupt_when_logged(command: list, run_dir: Path, iteration: int, sig=sig
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-LAUNCH_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no"]
+def launch_2() -> list[str]:
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+            str(free_port()), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_writes_a_checkpoint_and_resuming_equals_an_uninterrupted_run(shapes, tmp_path, processes):
-    launcher = LAUNCH_2 if processes == 2 else []
+    launcher = launch_2() if processes == 2 else []
     args = ["tools/train.py", QUICKSTART, *TINY, f"data.root={shapes}", "data.num_workers=1", "train.max_iters=30",
             "train.checkpoint_period=0"]
     reference = cli(*launcher, *args, f"output_dir={tmp_path / 'reference'}")

@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import randomize_
 from safetensors.torch import save_file
 
 from backbones import FPN, ResNet, TimmBackbone, load_pretrained
 from backbones.errors import UserError
-from conftest import randomize_
 
 STAGES = ["res2", "res3", "res4", "res5"]
 

@@ -29,7 +29,8 @@ def main(argv: list[str]) -> int:
         try:
             config = json.loads(args.config)
         except json.JSONDecodeError as error:
-            raise UserError(f"--config is not valid JSON ({error}): give e.g. '{{\"name\": \"resnet\", \"depth\": 101}}'") from None
+            example = '{"name": "resnet", "depth": 101}'
+            raise UserError(f"--config is not valid JSON ({error}): give e.g. '{example}'") from None
         if not isinstance(config, dict):
             raise UserError(f"--config must be a JSON object of backbone keys, got {args.config}")
         size = args.size or (32 if config.get("family") == "cifar" else 224)

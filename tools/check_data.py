@@ -16,8 +16,8 @@ import sys
 
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_config, resolve_path
-from tasks.data_check import check_split
-from tasks.detection.task import prepare_data_root
+from tasks.data.check import check_split
+from tasks.data.synthetic import prepare_data_root
 
 
 @tool

@@ -18,10 +18,12 @@ import sys
 from pathlib import Path
 
 from tasks.cli import DEBUG_HELP, tool
-from tasks.coco_eval import BACKENDS, coco_report, load_results
-from tasks.curves import write_coco_report
 from tasks.config import load_run
-from tasks.tasks import prepare_config
+from tasks.data.coco import load_coco
+from tasks.engine import make_accelerator, write_json
+from tasks.evaluation.coco import BACKENDS, coco_report, load_results
+from tasks.evaluation.reports import write_coco_report
+from tasks.registry import get_task, prepare_config
 
 
 @tool
@@ -30,7 +32,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("source", nargs="?", help="a run folder or a config file")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     parser.add_argument("--weights", help="checkpoint file (with a config file): this project's, torchvision's or "
-                                          "detectron2's .pkl, or a name such as detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x")
+                                          "detectron2's .pkl, or a name such as "
+                                          "detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x")
     parser.add_argument("--output-dir", help="where metrics.json and coco_results.json go")
     parser.add_argument("--annotations", help="COCO annotation file (with --results)")
     parser.add_argument("--results", help="COCO results file to evaluate")
@@ -44,8 +47,6 @@ def main(argv: list[str]) -> int:
     if args.results or args.annotations:
         if not (args.results and args.annotations):
             parser.error("--results and --annotations go together")
-        from tasks.detection.data import load_coco
-
         report = coco_report(load_coco(args.annotations), load_results(args.results), args.iou_type,
                              args.backend or "pycocotools")
         metrics = {f"{args.iou_type}/{k}": v for k, v in report.summary.items()}
@@ -63,9 +64,6 @@ def main(argv: list[str]) -> int:
     config, run_dir, weights = load_run(args.source, args.weights, overrides)
     config = prepare_config(config)
     output_dir = Path(args.output_dir or run_dir or config.output_dir)
-
-    from tasks.engine import make_accelerator, write_json
-    from tasks.tasks import get_task
 
     accelerator = make_accelerator()
     task = get_task(config.task)

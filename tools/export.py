@@ -19,12 +19,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from backbones.errors import UserError
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_run
 from tasks.deploy import DEFAULT_OPSET, export_metadata, export_onnx, export_program
-from tasks.detection.inference import label_names
+from tasks.detection.data import label_names
+from tasks.registry import get_task, prepare_config
 from tasks.segmentation.data import segmentation_names
-from tasks.tasks import get_task, prepare_config
 
 
 @tool
@@ -53,8 +54,6 @@ def main(argv: list[str]) -> int:
         print(f"wrote {output} (torch.export.load it)")
         return 0
     if args.opset < 16:
-        from backbones.errors import UserError
-
         raise UserError(f"--opset {args.opset}: the graph needs opset 16 or later (RoIAlign with half-pixel "
                         "alignment)")
     if config.task == "detection":

@@ -22,15 +22,23 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from backbones.errors import UserError, UserFileNotFoundError
+from backbones.errors import UserError
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_run
-from tasks.data import ImageFiles, inference_batches
+from tasks.data.images import ImageFiles, inference_batches, list_images
 from tasks.deploy import is_onnx, load_onnx
-from tasks.detection.inference import draw_detections, label_names, list_images, to_coco_results
-from tasks.tasks import get_task, prepare_config
+from tasks.detection.data import label_names
+from tasks.detection.drawing import draw_detections
+from tasks.evaluation.coco import to_coco_results
+from tasks.registry import get_task, prepare_config
+from tasks.segmentation.data import segmentation_names
+from tasks.segmentation.drawing import draw_segmentation
+from tasks.segmentation.task import SegmentationTask
+
 
 def load_model(config, weights: Path):
     """The config's model with ``weights``; an exported ``.onnx`` file runs on ONNX Runtime instead."""
@@ -52,13 +60,6 @@ def image_batches(config, files: list[Path], progress_name: str):
 
 def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args: argparse.Namespace, output: Path) -> int:
     """The segmentation branch of ``main``."""
-    import numpy as np
-    from PIL import Image
-
-    from tasks.segmentation.data import segmentation_names
-    from tasks.segmentation.drawing import draw_segmentation
-    from tasks.segmentation.task import SegmentationTask
-
     task = SegmentationTask()
     model = load_model(config, weights)
     model.to(args.device).eval()

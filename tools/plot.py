@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tasks.cli import DEBUG_HELP, tool
-from tasks.curves import plot_runs
+from tasks.evaluation.reports import plot_runs
 
 
 @tool

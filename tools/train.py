@@ -18,7 +18,8 @@ import sys
 
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_config
-from tasks.tasks import get_task, prepare_config
+from tasks.engine import train
+from tasks.registry import get_task, prepare_config
 
 
 @tool
@@ -29,8 +30,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
     config = prepare_config(load_config(args.config, args.overrides))  # fails fast, before any data is read
-
-    from tasks.engine import train
 
     result = train(get_task(config.task), config)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()

@@ -7,8 +7,14 @@ from pathlib import Path
 
 from backbones import ResNet
 from backbones.weights import (
-    _check_resnet_layout, fetch_named_weights, is_weights_name, keep_new_heads, map_torchvision_resnet_key,
-    read_checkpoint, remap_keys, strict_load,
+    _check_resnet_layout,
+    fetch_named_weights,
+    is_weights_name,
+    keep_new_heads,
+    map_torchvision_resnet_key,
+    read_checkpoint,
+    remap_keys,
+    strict_load,
 )
 
 from .model import ImageClassifier

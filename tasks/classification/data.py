@@ -13,12 +13,13 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+import torchvision
 from torch.utils.data import Dataset
+from torchvision.datasets.utils import download_and_extract_archive
 
 from backbones.errors import UserError, UserFileNotFoundError
 from backbones.weights import read_pickled_arrays
-
-from ..data import IMAGE_SUFFIXES, read_image
+from tasks.data.images import IMAGE_SUFFIXES, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +133,9 @@ def _text_keys(value: Any) -> Any:
 def _download_cifar(name: str, root: Path) -> None:
     """Fetch and unpack the CIFAR archive into ``root`` with torchvision's downloader (checksum checked).
     Offline, a one-line error says where to put the files."""
-    import torchvision
-
     dataset = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     folder = root / _CIFAR_LAYOUT[name][0]
     try:
-        from torchvision.datasets.utils import download_and_extract_archive
-
         download_and_extract_archive(dataset.url, str(root), filename=dataset.filename, md5=dataset.tgz_md5)
     except Exception as error:  # no network, a proxy, a broken download
         reason = " ".join(str(error).split())[:200]

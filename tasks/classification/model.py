@@ -12,10 +12,8 @@ from torch import nn
 
 from backbones import Backbone
 from backbones.errors import UserError
-
-from ..assembly import layout_backbone, merged, resolve_layout_backbone
-from ..batching import INPUT_FORMATS, batch_images
-from ..detection.model import IMAGENET_MEAN, IMAGENET_STD
+from tasks.modeling.assembly import layout_backbone, merged, resolve_layout_backbone
+from tasks.modeling.batching import IMAGENET_MEAN, IMAGENET_STD, INPUT_FORMATS, batch_images
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +125,10 @@ def build_classifier(config: Mapping[str, Any], num_classes: int | None = None, 
     feature map the backbone returns: ``res5`` of an ImageNet ResNet, ``res4`` of a CIFAR one.
 
     ``num_classes`` (the data's class count) is used where ``model.num_classes`` is 0 and must equal it
-    otherwise. ``model.weights`` starts the whole classifier from a trained one (this project's run or a
-    torchvision ImageNet classifier): everything loads strictly except the ``fc`` layer when its shape
-    differs (a new set of classes), which stays initialised. ``init_weights=False`` skips all
-    initialisation weights (for a full checkpoint loaded next)."""
+    otherwise. ``init_weights`` loads the backbone's initialisation weights, unless ``model.weights`` names a
+    whole trained classifier to start from: its caller loads that next (``ClassificationTask.build_model``,
+    with ``load_classifier_weights``). ``init_weights=False`` skips all initialisation weights (for a full
+    checkpoint loaded next)."""
     cfg = resolve_classifier_config(config)
     classes = cfg["num_classes"] or num_classes
     if not classes:
@@ -139,12 +137,7 @@ def build_classifier(config: Mapping[str, Any], num_classes: int | None = None, 
     if cfg["num_classes"] and num_classes and cfg["num_classes"] != num_classes:
         raise UserError(f"model.num_classes is {cfg['num_classes']} but the data has {num_classes} classes; set "
                         f"model.num_classes: {num_classes} (or 0 to take it from the data)")
-    whole = init_weights and cfg["weights"]
-    backbone = layout_backbone(cfg["backbone"], LAYOUT, init_weights=init_weights and not whole)
+    backbone = layout_backbone(cfg["backbone"], LAYOUT, init_weights=init_weights and not cfg["weights"])
     model = ImageClassifier(backbone, classes, cfg["pixel_mean"], cfg["pixel_std"], cfg["input_format"],
                             float(cfg["input_range"]), cfg["mean_image_size"], cfg["dropout"])
-    if whole:
-        from .checkpoint import load_classifier_weights  # the loaders know the model, not the other way round
-
-        load_classifier_weights(model, cfg["weights"], new_classes=True)
     return model

@@ -14,16 +14,23 @@ from accelerate import Accelerator
 from torch import nn
 
 from backbones.errors import UserError
+from tasks.config import Config
+from tasks.data.images import inference_batches
+from tasks.data.synthetic import CATEGORIES, ensure_crops
+from tasks.modeling.batching import batch_images
 
-from ..batching import batch_images
-from ..config import Config
-from ..data import inference_batches
-from ..synthetic import CATEGORIES, ensure_crops
 from .checkpoint import load_classifier_weights
 from .data import (
-    CIFAR_FORMATS, ClassificationDataset, CifarDataset, ImageFolderDataset, classification_transform, collate,
-    read_cifar, scan_image_folder,
+    CIFAR_FORMATS,
+    CifarDataset,
+    ClassificationDataset,
+    ImageFolderDataset,
+    classification_transform,
+    collate,
+    read_cifar,
+    scan_image_folder,
 )
+from .drawing import prediction_grid
 from .model import ImageClassifier, build_classifier, resolve_classifier_config
 
 logger = logging.getLogger(__name__)
@@ -58,11 +65,16 @@ class ClassificationTask:
         """The classifier; ``model.num_classes: 0`` takes the data's class count (on the meta device, where
         ``prepare_config`` checks a config without reading data, one class stands in). When the model subtracts a
         per-pixel mean (``model.mean_image_size``), it is computed from the training split here (not when
-        a checkpoint is loaded next: ``init_weights=False``)."""
+        a checkpoint is loaded next: ``init_weights=False``). ``init_weights`` starts it from ``model.weights``
+        (this project's run or a torchvision ImageNet classifier: everything loads strictly except the ``fc``
+        layer when its shape differs, a new set of classes) or, without one, from the backbone's."""
         num_classes = config.model.get("num_classes")
         if not num_classes:  # from the data; a config check (built on the meta device) reads no data
             num_classes = 1 if torch.empty(()).is_meta else self.data_num_classes(config)
         model = build_classifier(config.model, num_classes, init_weights=init_weights)
+        weights = config.model.get("weights")
+        if init_weights and weights:  # a whole trained classifier; a new fc where the classes differ
+            load_classifier_weights(model, weights, new_classes=True)
         if init_weights and model.mean_image is not None and not model.pixel_mean.is_meta:
             dataset = self.train_dataset(config)
             if not hasattr(dataset, "mean_image"):
@@ -176,8 +188,6 @@ class ClassificationTask:
         count = min(config.eval.num_visualize, len(dataset))
         if not count:
             return
-        from .drawing import prediction_grid
-
         output_dir.mkdir(parents=True, exist_ok=True)
         model.eval()
         items = [dataset[i] for i in range(count)]

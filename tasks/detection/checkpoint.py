@@ -13,8 +13,15 @@ import torch
 
 from backbones.errors import UserError
 from backbones.weights import (
-    fetch_named_weights, is_weights_name, keep_new_heads, map_by_rules, map_detectron2_resnet_key,
-    map_torchvision_resnet_key, read_checkpoint, remap_keys, strict_load,
+    fetch_named_weights,
+    is_weights_name,
+    keep_new_heads,
+    map_by_rules,
+    map_detectron2_resnet_key,
+    map_torchvision_resnet_key,
+    read_checkpoint,
+    remap_keys,
+    strict_load,
 )
 
 from .model import FasterRCNN

@@ -3,9 +3,7 @@ pycocotools' index only for evaluation), augmented with albumentations (boxes mo
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -15,64 +13,14 @@ from typing import Any, Sequence
 import albumentations as A
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from torch.utils.data import Dataset
 
 from backbones.errors import UserError, UserFileNotFoundError
-
-from ..coco_table import CocoTable, offsets, read_coco_json
-from ..data import ShortestEdgeResize, read_image
+from tasks.config import Config, resolve_path
+from tasks.data.coco import COCO_CATEGORIES, CocoSplit, offsets, read_coco_json
+from tasks.data.images import ShortestEdgeResize
 
 logger = logging.getLogger(__name__)
 LABEL_MAPS = ("contiguous", "coco_id")
-
-
-def load_coco(annotation_file: str | Path) -> COCO:
-    """A pycocotools index of ``annotation_file`` (for evaluation; training reads a ``CocoTable``), with an
-    error naming the file if it is missing or not a COCO instances file."""
-    path = Path(annotation_file)
-    coco = COCO()
-    coco.dataset = read_coco_json(path)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        try:
-            coco.createIndex()
-        except (KeyError, TypeError) as error:
-            raise UserError(f"annotation file {path} has a malformed entry: {error!r}") from error
-    return coco
-
-
-def check_image_dir(image_dir: str | Path) -> Path:
-    """``image_dir`` as a ``Path``, with an error naming it if it does not exist."""
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise UserFileNotFoundError(f"image folder not found: {image_dir}; check data.root and the image folder")
-    return image_dir
-
-
-class CocoSplit(Dataset):
-    """What the COCO datasets share: the split's files, its ``CocoTable`` (compact, shared with workers)
-    and, for evaluation only, pycocotools' index of the same file (``coco``, built on first use)."""
-
-    def __init__(self, annotation_file: str | Path, image_dir: str | Path, segmentation: bool = False):
-        self.image_dir = check_image_dir(image_dir)
-        self.annotation_file = Path(annotation_file)
-        self.table = CocoTable(self.annotation_file, segmentation=segmentation)
-
-    @functools.cached_property
-    def coco(self) -> COCO:
-        """pycocotools' index of the annotation file (what COCOeval reads); built when first asked for."""
-        return load_coco(self.annotation_file)
-
-    def read_image(self, row: int) -> np.ndarray:
-        """The decoded image of table row ``row``, checked against the size the annotations give."""
-        table = self.table
-        image_id, path = int(table.image_ids[row]), self.image_dir / table.file_name(row)
-        image = read_image(path, image_id, self.annotation_file)
-        height, width = int(table.heights[row]), int(table.widths[row])
-        if image.shape[:2] != (height, width):
-            raise UserError(f"image {path} (image id {image_id}) is {image.shape[1]}x{image.shape[0]} but the "
-                            f"annotations say {width}x{height}")
-        return image
 
 
 @dataclass
@@ -212,3 +160,31 @@ def detection_transform(
 def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def label_names(config: Config, run_dir: Path | None, num_classes: int) -> tuple[dict[int, int], dict[int, str]]:
+    """label -> COCO category id, and label -> name, for the config's label map. With ``coco_id`` every
+    label is its own category id (torchvision's detectors also output the ids COCO leaves unused)."""
+    annotations = resolve_path(config.data.root, config.data.val.annotations)
+    # an 80-class contiguous model without its dataset at hand (a model-zoo download, say) is COCO's
+    coco_model = not annotations.is_file() and num_classes == len(COCO_CATEGORIES)
+    if run_dir is not None and (run_dir / "categories.json").is_file():
+        categories = json.loads((run_dir / "categories.json").read_text())
+    elif config.data.label_map == "coco_id" or coco_model:
+        if config.data.label_map != "coco_id":
+            logger.info("labels 1..80 named as COCO's categories (%s not found)", annotations)
+        categories = [{"id": i, "name": n} for i, n in COCO_CATEGORIES.items()]
+    elif not annotations.is_file():
+        raise UserFileNotFoundError(
+            f"the config maps labels to categories by data.label_map=contiguous, which needs the category list "
+            f"of {annotations} (data.root, data.val.annotations) or a run folder's categories.json"
+        )
+    else:
+        categories = read_coco_json(annotations)["categories"]
+    categories = sorted(categories, key=lambda c: c["id"])
+    if config.data.label_map == "contiguous" and len(categories) != num_classes:
+        raise UserError(f"the model has {num_classes} classes but its category list has {len(categories)}: give the "
+                        "run folder the model was trained in, or set model.num_classes / data.val.annotations to match")
+    if config.data.label_map == "coco_id":
+        return {i: i for i in range(1, num_classes + 1)}, {c["id"]: c["name"] for c in categories}
+    return ({i + 1: c["id"] for i, c in enumerate(categories)}, {i + 1: c["name"] for i, c in enumerate(categories)})

@@ -9,14 +9,11 @@ from torch import nn
 
 from backbones import FPN, Backbone
 from backbones.errors import UserError
-from heads import FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler, RPN
-
-from ..assembly import layout_backbone, merged, resolve_layout_backbone
-from ..batching import INPUT_FORMATS, batch_images
+from heads import RPN, FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler
+from tasks.modeling.assembly import layout_backbone, merged, resolve_layout_backbone
+from tasks.modeling.batching import IMAGENET_MEAN, IMAGENET_STD, INPUT_FORMATS, batch_images
 
 LAYOUTS = ("fpn", "c4", "dc5")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FasterRCNN(nn.Module):
@@ -183,15 +180,14 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
     7x7 over p2..p5; two fc layers), ``c4`` (the paper's: RPN and RoIAlign 14x14 on res4, res5 as the box
     head) or ``dc5`` (res5 dilated to stride 16 feeds RPN and a 7x7 RoIAlign; two fc layers). The
     backbone's ``out_features`` (and, for dc5, ``output_stride``) follow from the layout.
-    ``weights`` (a file or a name such as ``detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x``) starts
-    the whole detector from a trained one instead of the backbone's ``weights``: everything loads
-    strictly except the class and box predictors where the class count differs (fine-tuning).
+    ``init_weights`` loads the backbone's initialisation weights (``model.backbone.weights``), unless
+    ``model.weights`` names a whole trained detector to start from: its caller loads that next
+    (``DetectionTask.build_model``, with ``load_detector_weights``), so the backbone's are not read.
     ``init_weights=False`` skips all initialisation weights (for a full checkpoint loaded next).
     """
     top = resolve_detector_config(config)
     layout = top["layout"]
-    whole = init_weights and top["weights"]  # a whole detector replaces the backbone's initialisation
-    backbone = layout_backbone(top["backbone"], layout, init_weights=init_weights and not whole,
+    backbone = layout_backbone(top["backbone"], layout, init_weights=init_weights and not top["weights"],
                                **_decided_backbone_keys(layout))
 
     rpn_cfg, roi_cfg, anchors = top["rpn"], dict(top["roi_heads"]), top["anchors"]
@@ -238,8 +234,4 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
     )
     model = FasterRCNN(backbone, rpn, roi_heads, top["pixel_mean"], top["pixel_std"], top["channels_last"],
                        top["input_format"], float(top["input_range"]))
-    if whole:
-        from .checkpoint import load_detector_weights  # the loaders know the model, not the other way round
-
-        load_detector_weights(model, top["weights"], new_classes=True)
     return model

@@ -10,29 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from backbones.errors import UserError
+from tasks.config import Config, resolve_path
+from tasks.data.images import inference_batches
+from tasks.data.synthetic import prepare_data_root
+from tasks.evaluation.coco import array_to_results, coco_report, results_to_array, to_coco_results
+from tasks.evaluation.reports import write_coco_report
 
-from ..coco_eval import array_to_results, coco_report, results_to_array
-from ..curves import write_coco_report
-from ..config import Config, resolve_path
-from ..data import inference_batches
-from ..synthetic import ensure_generated
 from .checkpoint import load_detector_weights
 from .data import CocoDetection, collate, detection_transform
-from .inference import draw_detections, side_by_side, to_coco_results
+from .drawing import draw_detections, side_by_side
 from .model import build_detector, resolve_detector_config
-
-
-def prepare_data_root(config: Config) -> Path:
-    """``data.root``, generating the synthetic dataset there first when ``data.synthetic`` asks for it."""
-    root = Path(config.data.root)
-    if config.data.synthetic is not None:
-        s = config.data.synthetic
-        ensure_generated(root, s.num_train, s.num_val, s.size, s.seed)
-    return root
 
 
 class DetectionTask:
@@ -45,7 +36,14 @@ class DetectionTask:
         return resolve_detector_config(model)
 
     def build_model(self, config: Config, init_weights: bool = True) -> nn.Module:
-        return build_detector(config.model, init_weights=init_weights)
+        """The detector; ``init_weights`` starts it from ``model.weights`` (a file or a name such as
+        ``detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x``: everything loads strictly except the class and
+        box predictors where the class count differs, for fine-tuning) or, without one, from the backbone's."""
+        model = build_detector(config.model, init_weights=init_weights)
+        weights = config.model.get("weights")
+        if init_weights and weights:
+            load_detector_weights(model, weights, new_classes=True)
+        return model
 
     @staticmethod
     def load_weights(model: nn.Module, path: str | Path) -> str:
@@ -111,8 +109,8 @@ class DetectionTask:
         """Each process predicts its shard (every ``num_processes``-th image: disjoint, nothing padded);
         the main process gathers all results, writes them (``coco_results.json``) and runs the COCO
         evaluation (``eval.backend``): the summary is returned, the per-category AP printed and written
-        with the precision-recall curves (``write_coco_report``). Images are read by ``data.num_workers`` workers, ``eval.batch_size`` at a
-        time."""
+        with the precision-recall curves (``write_coco_report``). Images are read by ``data.num_workers``
+        workers, ``eval.batch_size`` at a time."""
         was_training = model.training
         model.eval()
         shard = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
@@ -150,8 +148,6 @@ def broadcast_metrics(metrics: dict[str, float], accelerator: Accelerator) -> di
     """The main process's metrics, on every process."""
     if accelerator.num_processes == 1:
         return metrics
-    from accelerate.utils import broadcast_object_list
-
     box = [metrics]
     broadcast_object_list(box, from_process=0)
     return box[0]

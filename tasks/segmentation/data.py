@@ -13,13 +13,12 @@ import numpy as np
 import torch
 
 from backbones.errors import UserError
+from tasks.config import Config
+from tasks.data.coco import COCO_CATEGORIES, CocoSplit
+from tasks.data.images import ShortestEdgeResize
+from tasks.evaluation.miou import IGNORE_INDEX
 
-from ..data import ShortestEdgeResize, read_image
-from ..config import Config
-from ..detection.data import CocoSplit
-from ..detection.inference import COCO_CATEGORIES
-
-IGNORE = 255
+IGNORE = IGNORE_INDEX  # crowds and overlaps of selected classes
 # The 20 Pascal VOC categories as COCO category ids, in VOC's class order (label i + 1); torchvision's
 # COCO FCN references are trained and evaluated on these.
 VOC20_COCO_IDS = [5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72]
@@ -130,32 +129,6 @@ def segmentation_transform(train: bool, short_sizes: Sequence[int], max_size: in
     if flip_prob > 0:
         steps.append(A.HorizontalFlip(p=flip_prob))
     return A.Compose(steps)
-
-
-def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(K, K) counts, rows the true class, columns the predicted one; ``IGNORE`` pixels left out."""
-    valid = target != IGNORE
-    index = target[valid].long() * num_classes + prediction[valid].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def segmentation_metrics(confusion: torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, float]:
-    """Pixel accuracy, mean IoU over the classes present (in the ground truth or the predictions) and
-    per-class IoU from a confusion matrix."""
-    confusion = confusion.double()
-    true_positive = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - true_positive
-    iou = true_positive / union.clamp(min=1)
-    present = union > 0
-    metrics = {
-        "mIoU": float(iou[present].mean()) if present.any() else 0.0,
-        "pixel_accuracy": float(true_positive.sum() / confusion.sum().clamp(min=1)),
-    }
-    names = class_names or [str(i) for i in range(len(iou))]
-    for name, value, is_present in zip(names, iou.tolist(), present.tolist()):
-        if is_present:
-            metrics[f"IoU/{name}"] = value
-    return metrics
 
 
 def segmentation_names(config: Config, run_dir: Path | None, num_classes: int) -> list[str]:

@@ -11,12 +11,10 @@ from torch import nn
 from backbones import Backbone
 from backbones.errors import UserError
 from heads.fcn import FCNHead, SegmentationHead
+from tasks.evaluation.miou import IGNORE_INDEX
+from tasks.modeling.assembly import layout_backbone, merged, resolve_layout_backbone
+from tasks.modeling.batching import IMAGENET_MEAN, IMAGENET_STD, batch_images
 
-from ..assembly import layout_backbone, merged, resolve_layout_backbone
-from ..batching import batch_images
-from ..detection.model import IMAGENET_MEAN, IMAGENET_STD
-
-IGNORE_INDEX = 255
 LAYOUTS = {"fcn": None, "fcn32s": ["res5"], "fcn16s": ["res5", "res4"], "fcn8s": ["res5", "res4", "res3"]}
 
 

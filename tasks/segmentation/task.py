@@ -14,13 +14,14 @@ from accelerate import Accelerator
 from torch import nn
 
 from backbones.errors import UserError
+from tasks.config import Config, resolve_path
+from tasks.data.images import inference_batches
+from tasks.data.synthetic import prepare_data_root
+from tasks.evaluation.miou import confusion_matrix, segmentation_metrics
+from tasks.evaluation.reports import plot_per_class_iou
 
-from ..config import Config, resolve_path
-from ..curves import plot_per_class_iou
-from ..data import inference_batches
-from ..detection.task import prepare_data_root
 from .checkpoint import load_segmenter_weights
-from .data import CocoSegmentation, confusion_matrix, segmentation_metrics, segmentation_transform
+from .data import CocoSegmentation, segmentation_transform
 from .drawing import draw_segmentation
 from .model import build_segmenter, resolve_segmenter_config
 

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from backbones.errors import UserError, UserFileNotFoundError
 
-
 # the image files the tools and datasets list: torchvision's decoders read the first five, OpenCV the rest
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _OPENCV_SUFFIXES = (".bmp", ".tif", ".tiff")
@@ -135,3 +134,16 @@ def inference_batches(dataset: Dataset, indices: Sequence[int], batch_size: int,
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=list, worker_init_fn=worker_leaves_stops_to_its_process if num_workers else None)
     yield from tqdm(loader, desc=desc, total=len(loader), disable=not progress, dynamic_ncols=True)
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """``path`` itself if it is an image file, else the image files in the folder, sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserFileNotFoundError(f"input not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserFileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    return files

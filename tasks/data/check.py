@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from backbones.errors import UserError
 
-from .data import read_image
+from .images import read_image
 
 MAX_EXAMPLES = 5
 
@@ -76,23 +76,43 @@ def check_split(annotation_file: Path, image_dir: Path, decode: bool = False, wo
     """Check one split; see the module docstring. ``decode`` decodes every image on ``workers`` processes
     (default: every core) with a progress bar."""
     report = SplitReport(Path(annotation_file), Path(image_dir))
+    data = _read_annotation_file(annotation_file, report)
+    if data is None:
+        return report
+    if not report.image_dir.is_dir():
+        report.error("image folder missing", str(image_dir))
+    categories = _check_categories(data["categories"], report)
+    images = _check_images(data["images"], report)
+    _check_annotations(data["annotations"], images, categories, report)
+    _warn_unannotated_images(images, report)
+    if decode and report.image_dir.is_dir():
+        _check_decoding(images, report, workers)
+    return report
+
+
+def _read_annotation_file(annotation_file: Path, report: SplitReport) -> dict[str, Any] | None:
+    """The parsed annotation file, or None (with the error reported) if it is missing, not JSON, or not a
+    mapping with lists of images, annotations and categories."""
     try:
         data = json.loads(Path(annotation_file).read_text())
     except FileNotFoundError:
         report.error("annotation file missing", str(annotation_file))
-        return report
+        return None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         report.error("annotation file not valid JSON", f"{annotation_file}: {error}")
-        return report
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or not isinstance(data.get(k), list)]
+        return None
+    missing = [k for k in ("images", "annotations", "categories")
+               if not isinstance(data, dict) or not isinstance(data.get(k), list)]
     if missing:
         report.error("annotation file not a COCO instances file", f"no list {', '.join(missing)}")
-        return report
-    if not report.image_dir.is_dir():
-        report.error("image folder missing", str(image_dir))
+        return None
+    return data
 
+
+def _check_categories(categories_in: list[Any], report: SplitReport) -> set[Any]:
+    """Count and check the categories; the set of valid category ids."""
     categories: set[Any] = set()
-    for cat in data["categories"]:
+    for cat in categories_in:
         report.counts["categories"] += 1
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or "name" not in cat:
             report.error("categories without an integer id and a name", str(cat)[:120])
@@ -100,9 +120,14 @@ def check_split(annotation_file: Path, image_dir: Path, decode: bool = False, wo
             report.error("duplicate category ids", str(cat["id"]))
         else:
             categories.add(cat["id"])
+    return categories
 
+
+def _check_images(images_in: list[Any], report: SplitReport) -> dict[Any, dict[str, Any]]:
+    """Count and check the images and that their files exist; image id -> file name, size and an
+    annotation count (zero, filled in by ``_check_annotations``)."""
     images: dict[Any, dict[str, Any]] = {}
-    for info in data["images"]:
+    for info in images_in:
         report.counts["images"] += 1
         try:
             image_id, file_name = info["id"], str(info["file_name"])
@@ -118,9 +143,14 @@ def check_split(annotation_file: Path, image_dir: Path, decode: bool = False, wo
         images[image_id] = {"file_name": file_name, "height": height, "width": width, "annotations": 0}
         if report.image_dir.is_dir() and not (report.image_dir / file_name).is_file():
             report.error("image files missing", f"{report.image_dir / file_name} (image id {image_id})")
+    return images
 
+
+def _check_annotations(annotations: list[Any], images: dict[Any, dict[str, Any]], categories: set[Any],
+                       report: SplitReport) -> None:
+    """Count and check the annotations (ids, image, category, box), counting each image's annotations."""
     annotation_ids: set[Any] = set()
-    for ann in data["annotations"]:
+    for ann in annotations:
         report.counts["annotations"] += 1
         if not isinstance(ann, dict):
             report.error("annotations that are not mappings", str(ann)[:120])
@@ -136,40 +166,50 @@ def check_split(annotation_file: Path, image_dir: Path, decode: bool = False, wo
         info["annotations"] += 1
         if ann.get("category_id") not in categories:
             report.error("annotations of unknown categories", f"{where}: category_id {ann.get('category_id')!r}")
-        bbox = ann.get("bbox")
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            report.error("annotations without a bbox of four numbers", f"{where}: {bbox!r}")
-            continue
-        if not all(math.isfinite(v) for v in (x, y, w, h)):
-            report.warning("boxes with non-finite coordinates (dropped)", f"{where}: {bbox}")
-            continue
-        x1, y1 = max(x, 0.0), max(y, 0.0)
-        x2, y2 = min(x + w, info["width"]), min(y + h, info["height"])
-        if w <= 0 or h <= 0:
-            report.warning("empty boxes (dropped)", f"{where}: {bbox}")
-        elif x2 <= x1 or y2 <= y1:
-            report.warning("boxes outside their image (dropped)", f"{where}: {bbox} in {info['width']}x{info['height']}")
-        elif x < 0 or y < 0 or x + w > info["width"] or y + h > info["height"]:
-            report.warning("boxes crossing the image border (clipped)", f"{where}: {bbox} in {info['width']}x{info['height']}")
+        _check_box(ann.get("bbox"), where, info, report)
+
+
+def _check_box(bbox: Any, where: str, info: dict[str, Any], report: SplitReport) -> None:
+    """Check one annotation's ``bbox`` against its image: an error if it is not four numbers, a warning
+    if training drops it (non-finite, empty, outside the image) or clips it (crossing the border)."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        report.error("annotations without a bbox of four numbers", f"{where}: {bbox!r}")
+        return
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        report.warning("boxes with non-finite coordinates (dropped)", f"{where}: {bbox}")
+        return
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, info["width"]), min(y + h, info["height"])
+    if w <= 0 or h <= 0:
+        report.warning("empty boxes (dropped)", f"{where}: {bbox}")
+    elif x2 <= x1 or y2 <= y1:
+        report.warning("boxes outside their image (dropped)", f"{where}: {bbox} in {info['width']}x{info['height']}")
+    elif x < 0 or y < 0 or x + w > info["width"] or y + h > info["height"]:
+        report.warning("boxes crossing the image border (clipped)", f"{where}: {bbox} in {info['width']}x{info['height']}")
+
+
+def _warn_unannotated_images(images: dict[Any, dict[str, Any]], report: SplitReport) -> None:
     for image_id, info in images.items():
         if not info["annotations"]:
             report.warning("images without annotations (skipped in training)", f"image {image_id}")
 
-    if decode and report.image_dir.is_dir():
-        present = [(i, info) for i, info in images.items() if (report.image_dir / info["file_name"]).is_file()]
-        paths = [report.image_dir / info["file_name"] for _, info in present]
-        workers = workers or os.cpu_count() or 1
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            decoded = list(tqdm(pool.map(_decode, paths, chunksize=8), total=len(paths), desc="decode",
-                                dynamic_ncols=True, mininterval=1.0))
-        for (image_id, info), path, result in zip(present, paths, decoded):
-            if isinstance(result, str):
-                report.error("images that cannot be decoded", result)
-            elif result != (info["height"], info["width"]):
-                report.error("images whose size differs from the annotation",
-                             f"{path} (image id {image_id}) is {result[1]}x{result[0]}, annotated "
-                             f"{info['width']}x{info['height']}")
-        report.counts["decoded"] = sum(not isinstance(r, str) for r in decoded)
-    return report
+
+def _check_decoding(images: dict[Any, dict[str, Any]], report: SplitReport, workers: int | None) -> None:
+    """Decode every image whose file exists on ``workers`` processes (default: every core), reporting
+    files that cannot be decoded or whose size differs from the annotation; counts the decoded ones."""
+    present = [(i, info) for i, info in images.items() if (report.image_dir / info["file_name"]).is_file()]
+    paths = [report.image_dir / info["file_name"] for _, info in present]
+    workers = workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        decoded = list(tqdm(pool.map(_decode, paths, chunksize=8), total=len(paths), desc="decode",
+                            dynamic_ncols=True, mininterval=1.0))
+    for (image_id, info), path, result in zip(present, paths, decoded):
+        if isinstance(result, str):
+            report.error("images that cannot be decoded", result)
+        elif result != (info["height"], info["width"]):
+            report.error("images whose size differs from the annotation",
+                         f"{path} (image id {image_id}) is {result[1]}x{result[0]}, annotated "
+                         f"{info['width']}x{info['height']}")
+    report.counts["decoded"] = sum(not isinstance(r, str) for r in decoded)

@@ -7,13 +7,17 @@ from such a process slowly copies all of them (Python's reference counts and the
 to every object it touches: copy-on-write turns into copy). ``CocoTable`` keeps the images and the
 annotations as columns (numpy arrays: one object each, whatever the dataset's size) and drops the parsed
 JSON once they are built. Evaluation, which needs pycocotools, builds its own index
-(``tasks.detection.data.load_coco``).
+(``load_coco``). ``CocoSplit`` is what the detection and segmentation datasets share: the table, the
+image folder and, for evaluation, pycocotools' index; ``COCO_CATEGORIES`` names COCO's 80 categories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import gc
+import io
 import itertools
 import json
 from pathlib import Path
@@ -21,8 +25,12 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
 
 from backbones.errors import UserError, UserFileNotFoundError
+
+from .images import read_image
 
 # Annotation segmentation kinds
 NO_SEGMENTATION, POLYGONS, RLE = 0, 1, 2
@@ -93,15 +101,28 @@ class CocoTable:
 
     # ----------------------------------------------------------------------------------------- building
     def _build(self, dataset: dict, segmentation: bool) -> None:
+        """The columns, from the parsed file (which ``__init__`` then drops)."""
+        category_ids = self._build_categories(dataset["categories"])
+        self._build_images(dataset["images"])
+        annotations = dataset["annotations"]
+        order = self._build_annotations(annotations, category_ids)
+        self.has_segmentation = segmentation
+        if segmentation:
+            self._build_segmentation(annotations, order)
+
+    def _build_categories(self, categories: list) -> set[int]:
+        """``categories``, sorted by id; the set of their ids."""
         where = self.annotation_file
-        categories = dataset["categories"]
         if not all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in categories):
             raise UserError(f"annotation file {where} has a category without an integer 'id'")
         self.categories = sorted(({"id": c["id"], "name": str(c.get("name", c["id"]))} for c in categories),
                                  key=lambda c: c["id"])
-        category_ids = {c["id"] for c in self.categories}
+        return {c["id"] for c in self.categories}
 
-        images = sorted(dataset["images"], key=lambda info: info.get("id", 0) if isinstance(info, dict) else 0)
+    def _build_images(self, images: list) -> None:
+        """The image columns, sorted by id."""
+        where = self.annotation_file
+        images = sorted(images, key=lambda info: info.get("id", 0) if isinstance(info, dict) else 0)
         ids, heights, widths, names = [], [], [], []
         for info in images:
             try:
@@ -119,9 +140,10 @@ class CocoTable:
         self.widths = np.asarray(widths, dtype=np.int64)
         self._names = np.frombuffer(b"".join(names), dtype=np.uint8).copy()
         self._name_start = offsets([len(n) for n in names])
-        del images, ids, heights, widths, names
 
-        annotations = dataset["annotations"]
+    def _build_annotations(self, annotations: list, category_ids: set[int]) -> np.ndarray:
+        """The annotation columns, grouped by image; the index in ``annotations`` of each row."""
+        where = self.annotation_file
         try:
             image_of = np.fromiter((a["image_id"] for a in annotations), dtype=np.int64, count=len(annotations))
         except (KeyError, TypeError, ValueError):
@@ -159,10 +181,7 @@ class CocoTable:
         self.bboxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
         self.iscrowd = np.asarray(crowd, dtype=bool)
         self.areas = np.asarray(areas, dtype=np.float64)
-        del ann_ids, category, bboxes, crowd, areas
-        self.has_segmentation = segmentation
-        if segmentation:
-            self._build_segmentation(annotations, order)
+        return order
 
     def _build_segmentation(self, annotations: list, order: np.ndarray) -> None:
         image_row = np.repeat(np.arange(len(self.image_ids)), np.diff(self.ann_start))
@@ -251,3 +270,68 @@ class CocoTable:
     def nbytes(self) -> int:
         """Bytes held by the table's arrays."""
         return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+
+# COCO 2017 category id -> name (the 80 "thing" categories).
+COCO_CATEGORIES: dict[int, str] = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
+    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
+    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
+    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle",
+    46: "wine glass", 47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
+    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut",
+    61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet",
+    72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
+    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
+    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+
+
+def load_coco(annotation_file: str | Path) -> COCO:
+    """A pycocotools index of ``annotation_file`` (for evaluation; training reads a ``CocoTable``), with an
+    error naming the file if it is missing or not a COCO instances file."""
+    path = Path(annotation_file)
+    coco = COCO()
+    coco.dataset = read_coco_json(path)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        try:
+            coco.createIndex()
+        except (KeyError, TypeError) as error:
+            raise UserError(f"annotation file {path} has a malformed entry: {error!r}") from error
+    return coco
+
+
+def check_image_dir(image_dir: str | Path) -> Path:
+    """``image_dir`` as a ``Path``, with an error naming it if it does not exist."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise UserFileNotFoundError(f"image folder not found: {image_dir}; check data.root and the image folder")
+    return image_dir
+
+
+class CocoSplit(Dataset):
+    """What the COCO datasets share: the split's files, its ``CocoTable`` (compact, shared with workers)
+    and, for evaluation only, pycocotools' index of the same file (``coco``, built on first use)."""
+
+    def __init__(self, annotation_file: str | Path, image_dir: str | Path, segmentation: bool = False):
+        self.image_dir = check_image_dir(image_dir)
+        self.annotation_file = Path(annotation_file)
+        self.table = CocoTable(self.annotation_file, segmentation=segmentation)
+
+    @functools.cached_property
+    def coco(self) -> COCO:
+        """pycocotools' index of the annotation file (what COCOeval reads); built when first asked for."""
+        return load_coco(self.annotation_file)
+
+    def read_image(self, row: int) -> np.ndarray:
+        """The decoded image of table row ``row``, checked against the size the annotations give."""
+        table = self.table
+        image_id, path = int(table.image_ids[row]), self.image_dir / table.file_name(row)
+        image = read_image(path, image_id, self.annotation_file)
+        height, width = int(table.heights[row]), int(table.widths[row])
+        if image.shape[:2] != (height, width):
+            raise UserError(f"image {path} (image id {image_id}) is {image.shape[1]}x{image.shape[0]} but the "
+                            f"annotations say {width}x{height}")
+        return image

@@ -8,7 +8,7 @@ Deterministic from a seed. Writes the standard COCO layout under a root folder::
 
 Shapes do not overlap, so every polygon is also the visible mask and the semantic masks are exact.
 
-    python -m tasks.synthetic datasets/synthetic --num-train 400 --num-val 100 --size 128
+    python -m tasks.data.synthetic datasets/synthetic --num-train 400 --num-val 100 --size 128
 
 ``--crops`` writes instead a classification set in the image-folder layout (``generate_crops``): every
 shape cut out of its image, ``{train,val}/<shape>/*.png``.
@@ -16,18 +16,14 @@ shape cut out of its image, ``{train,val}/<shape>/*.png``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from backbones.errors import UserError
-
-from .cli import DEBUG_HELP, tool
+from tasks.config import Config
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -165,31 +161,10 @@ def ensure_crops(root: str | Path, num_train: int, num_val: int, size: int, seed
     return root
 
 
-@tool
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset in COCO layout.")
-    parser.add_argument("root")
-    parser.add_argument("--num-train", type=int, default=400)
-    parser.add_argument("--num-val", type=int, default=100)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--crops", type=int, default=0, metavar="SIZE",
-                        help="write SIZE x SIZE crops of the shapes in class folders (classification) instead")
-    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    args = parser.parse_args(argv)
-    if args.num_train < 1 or args.num_val < 1 or args.size < 32:
-        raise UserError(f"--num-train and --num-val must be at least 1 and --size at least 32, got "
-                        f"{args.num_train}, {args.num_val}, {args.size}")
-    try:
-        if args.crops:
-            generate_crops(args.root, args.num_train, args.num_val, args.size, args.seed, args.crops)
-        else:
-            generate(args.root, args.num_train, args.num_val, args.size, args.seed)
-    except OSError as error:
-        raise UserError(f"cannot write the dataset under {args.root}: {error.strerror or error}") from error
-    print(f"wrote {args.num_train} + {args.num_val} images to {args.root}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def prepare_data_root(config: Config) -> Path:
+    """``data.root``, generating the synthetic dataset there first when ``data.synthetic`` asks for it."""
+    root = Path(config.data.root)
+    if config.data.synthetic is not None:
+        s = config.data.synthetic
+        ensure_generated(root, s.num_train, s.num_val, s.size, s.seed)
+    return root

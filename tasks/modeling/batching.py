@@ -7,6 +7,9 @@ from typing import Sequence
 import torch
 
 INPUT_FORMATS = ("RGB", "BGR")
+# torchvision's ImageNet normalization (pixels 0..1, RGB): the default of every task model
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def batch_images(images: Sequence[torch.Tensor], pixel_mean: torch.Tensor, pixel_std: torch.Tensor,

@@ -1,16 +1,16 @@
 """COCO metrics: pycocotools' own ``COCOeval`` (the reference), or the ``faster-coco-eval`` package's C++
 implementation of the same computation (an optional backend: its 12 numbers equal pycocotools' to 1e-6,
-tested on the official reference files)."""
+tested on the official reference files); detections as COCO results entries, the format both read."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -165,8 +165,8 @@ def format_per_category(rows: list[dict[str, Any]], iou_type: str = "bbox") -> s
 def _faster_coco_eval(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: str):
     """faster-coco-eval's evaluator over the same ground truth (its own index of ``coco_gt.dataset``)."""
     try:
-        from faster_coco_eval import COCO as FastCOCO
-        from faster_coco_eval import COCOeval_faster
+        from faster_coco_eval import COCO as FastCOCO  # noqa: PLC0415  optional backend (the fast-eval extra)
+        from faster_coco_eval import COCOeval_faster  # noqa: PLC0415
     except ImportError as error:
         raise UserError("the faster_coco_eval backend needs the faster-coco-eval package: pip install "
                         "faster-coco-eval (or the project's extra: pip install -e '.[fast-eval]')") from error
@@ -174,3 +174,21 @@ def _faster_coco_eval(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type
     gt.dataset = coco_gt.dataset
     gt.createIndex()
     return COCOeval_faster(gt, gt.loadRes(results), iou_type, print_function=print)
+
+
+def to_coco_results(
+    detections: Mapping[str, torch.Tensor], image_id: int, label_to_category: Mapping[int, int]
+) -> list[dict[str, Any]]:
+    """COCO results entries: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``. Labels with
+    no category (in ``label_to_category``) have nothing to be scored against and are left out."""
+    boxes = detections["boxes"].tolist()
+    return [
+        {
+            "image_id": image_id,
+            "category_id": int(label_to_category[int(label)]),
+            "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+            "score": round(float(score), 5),
+        }
+        for (x1, y1, x2, y2), score, label in zip(boxes, detections["scores"].tolist(), detections["labels"].tolist())
+        if int(label) in label_to_category  # e.g. the ids COCO leaves unused, which torchvision's 91-way heads have
+    ]

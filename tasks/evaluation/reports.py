@@ -11,7 +11,7 @@ from typing import Sequence
 
 from backbones.errors import UserError, UserFileNotFoundError
 
-from .coco_eval import CocoReport, format_per_category
+from .coco import CocoReport, format_per_category
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def _pyplot():
     """matplotlib's pyplot on the file-only backend, or a UserError saying how to install it."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415  optional (the plot extra), and slow to import
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError as error:
         raise UserError("pictures need matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from error
     return plt
@@ -74,7 +74,7 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, names: Sequenc
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
     for axis, key in zip(axes.flat, panels):
         if key == ERROR_PANEL:
-            for index, (name, records) in enumerate(runs.items()):
+            for index, records in enumerate(runs.values()):
                 for series, style in zip(ERROR_KEYS, ("--", "-")):
                     x, y = _series(records, series)
                     if x:

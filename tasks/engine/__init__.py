@@ -1,0 +1,13 @@
+"""The training engine every task shares, on accelerate: the loop (``loop``), the batch order
+(``stream``), the schedule (``schedules``), checkpoints (``checkpoints``), stop signals (``signals``) and
+the interface a task implements (``protocol``). It knows nothing about boxes or masks."""
+
+from .checkpoints import CheckpointDir, write_json
+from .loop import NonFiniteLossError, TrainResult, make_accelerator, train
+from .protocol import Task
+from .schedules import lr_lambda, param_groups
+from .signals import StopSignals
+from .stream import TrainingStream
+
+__all__ = ["CheckpointDir", "NonFiniteLossError", "StopSignals", "Task", "TrainResult", "TrainingStream", "lr_lambda",
+           "make_accelerator", "param_groups", "train", "write_json"]

@@ -1,0 +1,345 @@
+"""The training loop shared by every task, on accelerate.
+
+accelerate does the distribution (one process or many, CPU or GPU, one node or several), mixed
+precision, gradient accumulation and the checkpoint state (model, optimizer, schedule, progress and
+every process's RNG). The loop knows nothing about boxes or masks: a task gives it a model that returns
+a dict of losses (the ``loss*`` entries are summed and optimized; any other entry, such as a training
+error, is only averaged and logged), datasets, and an ``evaluate`` function.
+
+``train`` reads as its three parts: ``_setup`` (model, optimizer, data, resumed state), the loop of
+``_step`` (one optimizer step over ``grad_accum_steps`` micro-batches) and ``_periodic`` (log, stop,
+checkpoint, evaluate: every action taken at an iteration boundary), then ``_finish`` (final weights,
+evaluation, pictures).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from backbones.errors import TrainingInterrupted, UserError, UserFileNotFoundError
+from tasks.config import Config, TrainConfig, check_config, to_yaml
+from tasks.data.images import worker_leaves_stops_to_its_process
+
+from .checkpoints import CheckpointDir, write_json
+from .protocol import Task
+from .schedules import lr_lambda, param_groups
+from .signals import StopSignals
+from .stream import Resumed, TrainingStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, float]
+    iterations: int
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite: the run stops, naming the iteration, the terms and the last good checkpoint."""
+
+
+def make_accelerator(**kwargs: Any) -> Accelerator:
+    """An ``Accelerator``; on a machine without an accelerator device it is told so (``cpu=True``), which
+    is what makes ``accelerate launch --multi_gpu --num_processes N`` run N gloo processes on the CPU
+    instead of N unrelated single processes."""
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return Accelerator(cpu=not has_device, **kwargs)
+
+
+class _Progress:
+    """The iteration counter, saved with the checkpoint state."""
+
+    def __init__(self) -> None:
+        self.iteration = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.iteration = int(state["iteration"])
+
+
+@dataclass
+class _Window:
+    """The loss terms summed since the last log line, on the device (read back only at the log period)."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    iterations: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Run:
+    """What the steps of one training run share."""
+
+    task: Task
+    config: Config
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    progress: _Progress
+    checkpoints: CheckpointDir
+    val_set: Dataset
+    batches: Iterator[tuple[list, list]]
+    seen_images: list[int] = field(default_factory=list)  # the first image ids of this process (world.json)
+    window: _Window = field(default_factory=_Window)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+def train(task: Task, config: Config, accelerator: Accelerator | None = None) -> TrainResult:
+    """Train ``task`` as ``config`` says; see the module docstring. Returns the final metrics.
+
+    SIGTERM or SIGINT (a cluster preempting the job, Ctrl-C) stops every process at the same iteration
+    boundary, writes a checkpoint there and raises ``TrainingInterrupted``; ``resume=auto`` continues
+    exactly where it stopped."""
+    config = check_config(config, task)  # the model's defaults resolved: config.yaml rebuilds this very model
+    checkpoints = CheckpointDir(Path(config.output_dir), config.train.keep_checkpoints)
+    resume_from = _resume_point(config, checkpoints)
+    run = _setup(task, config, accelerator or _accelerator_for(config), checkpoints, resume_from)
+    cfg, progress = config.train, run.progress
+    bar = tqdm(total=cfg.max_iters, initial=progress.iteration, disable=not run.accelerator.is_main_process,
+               desc="train", dynamic_ncols=True, mininterval=1.0)
+    with StopSignals() as stop, bar:  # the bar is closed (its line ended) before any error is printed
+        while progress.iteration < cfg.max_iters:
+            stop_agreed = _step(run, stop)
+            run.scheduler.step()
+            progress.iteration += 1
+            run.window.iterations += 1
+            bar.update(1)
+            _periodic(run, bar, stop if stop_agreed else None)
+        bar.close()
+        checkpoints.save(run.accelerator, progress.iteration)
+    # from here on a signal stops the process as usual: the final checkpoint is written, and a run resumed from
+    # it only evaluates
+    return _finish(run)
+
+
+def _resume_point(config: Config, checkpoints: CheckpointDir) -> Path | None:
+    """The checkpoint folder ``config.resume`` names (``auto``: the latest, if any), checked to exist."""
+    if not config.resume:
+        return None
+    resume_from = checkpoints.latest() if config.resume == "auto" else Path(config.resume)
+    if resume_from is not None and not resume_from.is_dir():
+        raise UserFileNotFoundError(f"resume={resume_from}: no such checkpoint folder (give one of "
+                                    f"{checkpoints.root}/iter_*, or resume=auto)")
+    return resume_from
+
+
+def _accelerator_for(config: Config) -> Accelerator:
+    cfg = config.train
+    return make_accelerator(
+        mixed_precision=cfg.mixed_precision if os.environ.get("ACCELERATE_MIXED_PRECISION") is None else None,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with="tensorboard",
+        project_dir=config.output_dir,
+    )
+
+
+def _setup(task: Task, config: Config, accelerator: Accelerator, checkpoints: CheckpointDir,
+           resume_from: Path | None) -> _Run:
+    """The run folder's config, the model and its optimizer (prepared by accelerate, resumed where asked)
+    and the training batches, positioned where the run stands."""
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(config))
+    set_seed(config.seed, device_specific=True)
+    # a checkpoint to resume from replaces the initial weights: nothing fetched or read for them
+    model = task.build_model(config, init_weights=resume_from is None)
+    train_set, val_set = task.train_dataset(config), task.val_dataset(config)
+    if accelerator.is_main_process:
+        write_json(output_dir / "categories.json", task.metadata(train_set)["categories"])
+    if config.train.sync_bn and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = _optimizer(model, config.train, accelerator.num_processes)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    progress = _Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        logger.info("resumed from %s at iteration %d", resume_from, progress.iteration)
+    elif config.resume == "auto":
+        logger.info("resume=auto: no checkpoint in %s yet, starting from scratch", checkpoints.root)
+    batches = _loader(task, train_set, config, accelerator, progress.iteration)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("tensorboard")
+    model.train()
+    return _Run(task, config, accelerator, model, optimizer, scheduler, progress, checkpoints, val_set, iter(batches))
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, num_processes: int) -> torch.optim.Optimizer:
+    """SGD with momentum at ``base_lr`` scaled linearly from ``reference_batch_size`` to the real total batch."""
+    total_batch = num_processes * cfg.batch_size * cfg.grad_accum_steps
+    lr = cfg.base_lr * total_batch / cfg.reference_batch_size
+    logger.info(
+        "training on %d process(es) x %d images x %d accumulation steps = %d images a step; learning rate "
+        "%.5g = base_lr %.5g x %d / %d", num_processes, cfg.batch_size, cfg.grad_accum_steps,
+        total_batch, lr, cfg.base_lr, total_batch, cfg.reference_batch_size,
+    )
+    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias, lr, cfg.backbone_lr_mult)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+def _loader(task: Task, train_set: Dataset, config: Config, accelerator: Accelerator, iteration: int) -> DataLoader:
+    """This process's training batches (``TrainingStream``), starting after the ``iteration`` steps done."""
+    cfg = config.train
+    groups = getattr(train_set, "aspect_groups", lambda: None)()
+    stream = iter(TrainingStream(len(train_set), cfg.batch_size, config.seed,
+                                 accelerator.process_index, accelerator.num_processes, groups))
+    for _ in range(iteration * cfg.grad_accum_steps):  # a resumed run continues the same data order
+        next(stream)
+    return DataLoader(
+        train_set,
+        batch_sampler=Resumed(stream),
+        collate_fn=task.collate,
+        num_workers=config.data.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=config.data.num_workers > 0,
+        worker_init_fn=worker_leaves_stops_to_its_process,
+        generator=torch.Generator().manual_seed(config.seed),  # leaves the global RNG to the training step
+    )
+
+
+def _step(run: _Run, stop: StopSignals) -> bool:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns whether any process was asked to
+    stop (every process stops after the same iteration)."""
+    cfg, accelerator, model = run.config.train, run.accelerator, run.model
+    stop_agreed = False
+    for _ in range(cfg.grad_accum_steps):
+        images, targets = run.task.loss_inputs(next(run.batches))
+        if len(run.seen_images) < 64:
+            run.seen_images.extend(t.get("image_id", -1) for t in targets)
+        with accelerator.accumulate(model):
+            losses = model(images, targets)  # "loss*" terms are optimized; other entries are only logged
+            loss = sum(v for k, v in losses.items() if k.startswith("loss"))
+            stop_agreed = _check_finite_and_stop(run, losses, loss, stop) or stop_agreed
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.clip_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        sums = run.window.sums
+        for k, v in losses.items():  # summed on the device; read back only at the log period
+            sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum_steps
+    return stop_agreed
+
+
+def _check_finite_and_stop(run: _Run, losses: dict[str, torch.Tensor], loss: torch.Tensor, stop: StopSignals) -> bool:
+    """One read-back per micro-batch: is the loss finite on every process (else ``NonFiniteLossError``), and
+    did any process get a stop signal (returned)."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                         torch.tensor(float(stop.requested), device=loss.device)])
+    if run.accelerator.num_processes > 1:
+        flags = run.accelerator.reduce(flags, reduction="sum")
+    non_finite, stop_flag = flags.tolist()
+    if non_finite:
+        bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v.detach())}
+        latest = run.checkpoints.latest()
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {run.progress.iteration}: {bad}; stopping. The last good checkpoint is "
+            f"{latest or 'none (no checkpoint written yet)'}; lower train.base_lr or raise "
+            f"train.warmup_iters and resume"
+        )
+    return stop_flag > 0
+
+
+def _periodic(run: _Run, bar: tqdm, stop: StopSignals | None) -> None:
+    """Everything done at an iteration boundary: the log line, the stop every process agreed on
+    (``stop``: a checkpoint, then ``TrainingInterrupted``), the periodic checkpoint and evaluation."""
+    cfg, iteration = run.config.train, run.progress.iteration
+    last = iteration == cfg.max_iters
+    if iteration % cfg.log_period == 0 or last:
+        _log(run, bar)
+    if stop is not None and not last:
+        bar.close()
+        _interrupt(run, stop)
+    if cfg.checkpoint_period and iteration % cfg.checkpoint_period == 0 and not last:
+        run.checkpoints.save(run.accelerator, iteration)
+    if cfg.eval_period and iteration % cfg.eval_period == 0 and not last:
+        _evaluate(run)
+
+
+def _log(run: _Run, bar: tqdm) -> None:
+    """The window's mean losses over processes, the learning rate and the speed: ``metrics.jsonl``,
+    TensorBoard and the progress bar; then a new window."""
+    accelerator, window = run.accelerator, run.window
+    keys = sorted(window.sums)
+    values = torch.stack([window.sums[k] / window.iterations for k in keys]).to(accelerator.device)
+    values = accelerator.reduce(values, reduction="mean")
+    scalars = dict(zip(keys, values.tolist()))
+    scalars["loss"] = sum(v for k, v in scalars.items() if k.startswith("loss"))
+    elapsed = time.perf_counter() - window.start
+    scalars.update(lr=run.scheduler.get_last_lr()[0], iters_per_second=window.iterations / max(elapsed, 1e-9))
+    if accelerator.is_main_process:
+        with open(run.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": run.progress.iteration, **scalars}) + "\n")
+        accelerator.log(scalars, step=run.progress.iteration)
+        bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2g}")
+    run.window = _Window()
+
+
+def _interrupt(run: _Run, stop: StopSignals) -> None:
+    """Write the checkpoint of this iteration on every process, close the logs and raise ``TrainingInterrupted``."""
+    accelerator, iteration = run.accelerator, run.progress.iteration
+    path = run.checkpoints.save(accelerator, iteration)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    signum = stop.requested or signal.SIGTERM  # another process got the signal: this one stops with it
+    how = ("run the same command to resume" if run.config.resume == "auto"
+           else "run the same command with resume=auto to resume")
+    raise TrainingInterrupted(f"interrupted at iteration {iteration} ({signal.Signals(signum).name}); checkpoint "
+                              f"{path}; {how}", iteration, signum)
+
+
+def _evaluate(run: _Run) -> dict[str, float]:
+    """The task's evaluation of the validation set, logged as ``val/...`` at this iteration."""
+    accelerator, model = run.accelerator, run.model
+    model.eval()
+    metrics = run.task.evaluate(accelerator.unwrap_model(model), run.val_set, accelerator, run.output_dir, run.config)
+    model.train()
+    if accelerator.is_main_process:
+        with open(run.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": run.progress.iteration,
+                                **{f"val/{k}": v for k, v in metrics.items()}}) + "\n")
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=run.progress.iteration)
+    return metrics
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The final weights (``model.safetensors``), evaluation (``metrics.json``) and pictures; then the
+    process group is closed."""
+    accelerator, output_dir, iteration = run.accelerator, run.output_dir, run.progress.iteration
+    world = {"world_size": accelerator.num_processes, "images_per_rank": gather_object([run.seen_images[:64]])}
+    if accelerator.is_main_process:
+        write_json(output_dir / "world.json", world)
+        save_file({k: v.contiguous() for k, v in accelerator.unwrap_model(run.model).state_dict().items()},
+                  str(output_dir / "model.safetensors"))
+    metrics = _evaluate(run)
+    if accelerator.is_main_process:
+        write_json(output_dir / "metrics.json", {"iteration": iteration, **metrics})
+        run.task.visualize(accelerator.unwrap_model(run.model), run.val_set, output_dir / "visualizations", run.config)
+    accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
+    accelerator.end_training()
+    return TrainResult(output_dir, metrics, iteration)
