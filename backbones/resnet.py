@@ -203,6 +203,44 @@ class ResidualBlock(nn.Module):
         return F.relu(out, inplace=True)
 
 
+def _check_options(shortcut: str, shortcut_a_padding: str, norm: str) -> None:
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut option {shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
+    if shortcut_a_padding not in SHORTCUT_A_PADDINGS:
+        raise ValueError(f"shortcut_a_padding must be one of {', '.join(SHORTCUT_A_PADDINGS)}, "
+                         f"got {shortcut_a_padding!r}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+
+
+def _check_out_features(out_features: Sequence[str] | None, stage_names: list[str], depth: int,
+                        freeze_at: int) -> tuple[list[str], int]:
+    """The requested feature names (default: every stage) and how many stages after the stem to build for
+    them; checks ``freeze_at`` against the built stages."""
+    all_names = ["stem", *stage_names]
+    out_features = list(out_features) if out_features is not None else stage_names
+    unknown = [name for name in out_features if name not in all_names]
+    if unknown or not out_features:
+        raise ValueError(f"out_features {out_features} of ResNet-{depth} must be among {all_names}")
+    num_built = max(all_names.index(name) for name in out_features)  # stages to build after the stem
+    if not 0 <= freeze_at <= num_built + 1:
+        raise ValueError(f"freeze_at must be in 0..{num_built + 1} (stem + built stages), got {freeze_at}")
+    return out_features, num_built
+
+
+def _num_dilated_stages(family: str, stem_stride: int, num_stages: int, output_stride: int | None) -> int:
+    """How many of the last stages are dilated instead of strided to reach ``output_stride``."""
+    natural_stride = stem_stride * 2 ** (num_stages - 1)
+    output_stride = output_stride or natural_stride
+    dilated = {natural_stride: 0, natural_stride // 2: 1, natural_stride // 4: 2}.get(output_stride)
+    if dilated is None:
+        raise ValueError(
+            f"output_stride of a {family} ResNet must be {natural_stride}, {natural_stride // 2} or "
+            f"{natural_stride // 4}, got {output_stride}"
+        )
+    return dilated
+
+
 class ResNet(Backbone):
     """ResNet backbone returning the feature maps named in ``out_features``.
 
@@ -263,45 +301,37 @@ class ResNet(Backbone):
     ):
         super().__init__()
         spec = depth_spec(depth, family)
-        if shortcut not in SHORTCUTS:
-            raise ValueError(f"unknown shortcut option {shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
-        if shortcut_a_padding not in SHORTCUT_A_PADDINGS:
-            raise ValueError(f"shortcut_a_padding must be one of {', '.join(SHORTCUT_A_PADDINGS)}, "
-                             f"got {shortcut_a_padding!r}")
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+        _check_options(shortcut, shortcut_a_padding, norm)
         self.depth, self.family, self.block = depth, family, spec.block
         self.stride_in_1x1, self.shortcut_option, self.residual = stride_in_1x1, shortcut, residual
         self.preact, self.norm = preact, norm
 
+        stage_names = [f"res{i + 2}" for i in range(len(spec.blocks_per_stage))]
+        out_features, num_built = _check_out_features(out_features, stage_names, depth, freeze_at)
+        self.stem = Stem(in_channels, 64 if family == "imagenet" else CIFAR_WIDTHS[0], norm, family)
+        dilated = _num_dilated_stages(family, self.stem.stride, len(stage_names), output_stride)
+        shapes = self._build_stages(spec, stage_names[:num_built], dilated, dilate_first_block,
+                                    width_per_group, res2_out_channels, shortcut_a_padding)
+
+        # Pre-activation networks end with norm + ReLU after the last stage of the full network.
+        full = num_built == len(stage_names)
+        self.final_norm = make_norm(norm, shapes[stage_names[-1]].channels) if preact and full else None
+        self._out_shapes = {name: shape for name, shape in shapes.items() if name in out_features}
+        self.unbuilt_modules = tuple(stage_names[num_built:]) + (("final_norm",) if preact and not full else ())
+        self._init_weights(zero_init_residual)
+        self._freeze_and_fold(freeze_at, fold_frozen_bn)
+
+    def _build_stages(self, spec: DepthSpec, names: list[str], dilated: int, dilate_first_block: bool,
+                      width_per_group: int, res2_out_channels: int | None,
+                      shortcut_a_padding: str) -> dict[str, ShapeSpec]:
+        """Build and register the stages ``names`` after the stem (``self.stage_names``), the last ``dilated``
+        stages of the full network dilated instead of strided. Returns the shapes of the stem and stages."""
+        shapes = {"stem": ShapeSpec(self.stem.out_channels, self.stem.stride)}
+        widths, out_widths = self._stage_widths(spec.block, self.family, width_per_group, res2_out_channels)
         num_stages = len(spec.blocks_per_stage)
-        stage_names = [f"res{i + 2}" for i in range(num_stages)]
-        all_names = ["stem", *stage_names]
-        out_features = list(out_features) if out_features is not None else stage_names
-        unknown = [name for name in out_features if name not in all_names]
-        if unknown or not out_features:
-            raise ValueError(f"out_features {out_features} of ResNet-{depth} must be among {all_names}")
-        num_built = max(all_names.index(name) for name in out_features)  # stages to build after the stem
-        if not 0 <= freeze_at <= num_built + 1:
-            raise ValueError(f"freeze_at must be in 0..{num_built + 1} (stem + built stages), got {freeze_at}")
-
-        stem_width = 64 if family == "imagenet" else CIFAR_WIDTHS[0]
-        self.stem = Stem(in_channels, stem_width, norm, family)
-        natural_stride = self.stem.stride * 2 ** (num_stages - 1)
-        output_stride = output_stride or natural_stride
-        dilated = {natural_stride: 0, natural_stride // 2: 1, natural_stride // 4: 2}.get(output_stride)
-        if dilated is None:
-            raise ValueError(
-                f"output_stride of a {family} ResNet must be {natural_stride}, {natural_stride // 2} or "
-                f"{natural_stride // 4}, got {output_stride}"
-            )
-
-        shapes = {"stem": ShapeSpec(stem_width, self.stem.stride)}
-        widths, out_widths = self._stage_widths(spec.block, family, width_per_group, res2_out_channels)
-        channels, stride, dilation = stem_width, self.stem.stride, 1
+        channels, stride, dilation = self.stem.out_channels, self.stem.stride, 1
         self.stage_names: list[str] = []
-        for index in range(num_built):
-            name = stage_names[index]
+        for index, name in enumerate(names):
             stage_stride = 1 if index == 0 else 2
             first_dilation = dilation
             if index >= num_stages - dilated:
@@ -309,36 +339,40 @@ class ResNet(Backbone):
                 stage_stride = 1
                 first_dilation = dilation if dilate_first_block else first_dilation
             stride *= stage_stride
-            out_channels = out_widths[index]
-            blocks = []
-            for b in range(spec.blocks_per_stage[index]):
-                blocks.append(
-                    ResidualBlock(
-                        spec.block,
-                        channels if b == 0 else out_channels,
-                        out_channels,
-                        stage_stride if b == 0 else 1,
-                        first_dilation if b == 0 else dilation,
-                        norm=norm,
-                        stride_in_1x1=stride_in_1x1,
-                        shortcut=shortcut,
-                        residual=residual,
-                        preact=preact,
-                        preactivate_input=not (index == 0 and b == 0),
-                        width=widths[index] if spec.block == "bottleneck" else None,
-                        shortcut_a_padding=shortcut_a_padding,
-                    )
-                )
-            self.add_module(name, nn.Sequential(*blocks))
+            stage = self._make_stage(spec, index, channels, out_widths[index], widths[index], stage_stride,
+                                     first_dilation, dilation, shortcut_a_padding)
+            self.add_module(name, stage)
             self.stage_names.append(name)
-            shapes[name] = ShapeSpec(out_channels, stride)
-            channels = out_channels
+            shapes[name] = ShapeSpec(out_widths[index], stride)
+            channels = out_widths[index]
+        return shapes
 
-        # Pre-activation networks end with norm + ReLU after the last stage of the full network.
-        self.final_norm = make_norm(norm, channels) if preact and num_built == num_stages else None
-        self._out_shapes = {name: shapes[name] for name in all_names if name in out_features}
-        self.unbuilt_modules = tuple(stage_names[num_built:]) + (("final_norm",) if preact and num_built < num_stages else ())
-        self._init_weights(zero_init_residual)
+    def _make_stage(self, spec: DepthSpec, index: int, in_channels: int, out_channels: int, width: int,
+                    stride: int, first_dilation: int, dilation: int, shortcut_a_padding: str) -> nn.Sequential:
+        """Stage ``index``: its blocks, the first one taking the stride and ``first_dilation``."""
+        blocks = []
+        for b in range(spec.blocks_per_stage[index]):
+            blocks.append(
+                ResidualBlock(
+                    spec.block,
+                    in_channels if b == 0 else out_channels,
+                    out_channels,
+                    stride if b == 0 else 1,
+                    first_dilation if b == 0 else dilation,
+                    norm=self.norm,
+                    stride_in_1x1=self.stride_in_1x1,
+                    shortcut=self.shortcut_option,
+                    residual=self.residual,
+                    preact=self.preact,
+                    preactivate_input=not (index == 0 and b == 0),
+                    width=width if spec.block == "bottleneck" else None,
+                    shortcut_a_padding=shortcut_a_padding,
+                )
+            )
+        return nn.Sequential(*blocks)
+
+    def _freeze_and_fold(self, freeze_at: int, fold_frozen_bn: bool) -> None:
+        """Freeze the stem and stages ``freeze_at`` names; set ``fold_frozen_bn`` on every conv-norm layer."""
         self.freeze_at = freeze_at
         for module in self.frozen_modules():
             freeze(module)

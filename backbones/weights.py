@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import timm
 import torch
+import torchvision
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import UserError, UserFileNotFoundError
@@ -178,8 +181,6 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserFileNotFoundError(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         elif path.suffix == ".pkl":
             state = read_pickled_arrays(path)
@@ -262,8 +263,6 @@ def fetch_named_weights(source: str) -> dict[str, torch.Tensor]:
     if library == "detectron2":
         return read_checkpoint(fetch_detectron2_file(name))
     if library == "torchvision":
-        import torchvision
-
         arch, _, tag = name.partition(".")
         try:
             weights = torchvision.models.get_model_weights(arch)[tag or "DEFAULT"]
@@ -279,8 +278,6 @@ def fetch_named_weights(source: str) -> dict[str, torch.Tensor]:
                 f"elsewhere and put it at {cache / filename}, or give the file's path as the weights"
             ) from error
     if library == "timm":
-        import timm
-
         try:
             cfg = timm.models.get_pretrained_cfg(name)
         except Exception:
