@@ -1,9 +1,15 @@
+import os
 import socket
 
 import pytest
 import torch
 
 from tasks.data.synthetic import generate
+
+# Under pytest-xdist (the test command runs one worker per core) each worker computes on its share of the
+# cores, so the workers do not oversubscribe them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # overrides that shrink configs/quickstart.yaml to a seconds-long run (tests of the engine and the tools)
 TINY = [

@@ -194,26 +194,9 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
     pooler_resolution = roi_cfg.pop("pooler_resolution")
     pooler_kwargs = {k: roi_cfg.pop(k) for k in ("sampling_ratio", "aligned")}
     pooler_kwargs["impl"] = roi_cfg.pop("pooler_impl")
-    num_fc, fc_dim = roi_cfg.pop("num_fc"), roi_cfg.pop("fc_dim")
-
-    if layout == "fpn":
-        fpn_cfg = top["fpn"]
-        backbone = FPN(backbone, ["res2", "res3", "res4", "res5"], **fpn_cfg)
-        shapes = backbone.output_shape()
-        rpn_features = list(shapes)
-        roi_features = [f for f in shapes if f != list(shapes)[-1]] if fpn_cfg["top_block"] != "none" else list(shapes)
-        box_head: nn.Module = FCBoxHead(shapes[roi_features[0]].channels, pooler_resolution, num_fc, fc_dim)
-    elif layout == "c4":
-        res5_shape = backbone.output_shape()["res5"]
-        res5 = backbone.pop_stage("res5")
-        shapes = backbone.output_shape()
-        rpn_features = roi_features = ["res4"]
-        box_head = Res5BoxHead(res5, res5_shape.channels)
-    else:
-        shapes = backbone.output_shape()
-        rpn_features = roi_features = ["res5"]
-        box_head = FCBoxHead(shapes["res5"].channels, pooler_resolution, num_fc, fc_dim)
-
+    box_head_size = (pooler_resolution, roi_cfg.pop("num_fc"), roi_cfg.pop("fc_dim"))
+    backbone, rpn_features, roi_features, box_head = _layout_heads(layout, backbone, top["fpn"], *box_head_size)
+    shapes = backbone.output_shape()
     rpn = RPN(
         shapes,
         rpn_features,
@@ -232,6 +215,24 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
         top["num_classes"],
         **{k: tuple(v) if isinstance(v, list) else v for k, v in roi_cfg.items()},
     )
-    model = FasterRCNN(backbone, rpn, roi_heads, top["pixel_mean"], top["pixel_std"], top["channels_last"],
-                       top["input_format"], float(top["input_range"]))
-    return model
+    return FasterRCNN(backbone, rpn, roi_heads, top["pixel_mean"], top["pixel_std"], top["channels_last"],
+                      top["input_format"], float(top["input_range"]))
+
+
+def _layout_heads(layout: str, backbone: Backbone, fpn_cfg: Mapping[str, Any], pooler_resolution: int, num_fc: int,
+                  fc_dim: int) -> tuple[Backbone, list[str], list[str], nn.Module]:
+    """What the layout makes of the backbone: the feature extractor (an FPN over it, or itself without the
+    ``res5`` stage that becomes C4's box head), the features the RPN and the RoI heads read, the box head."""
+    if layout == "fpn":
+        backbone = FPN(backbone, ["res2", "res3", "res4", "res5"], **fpn_cfg)
+        shapes = backbone.output_shape()
+        rpn_features = list(shapes)
+        roi_features = [f for f in shapes if f != list(shapes)[-1]] if fpn_cfg["top_block"] != "none" else list(shapes)
+        return backbone, rpn_features, roi_features, FCBoxHead(shapes[roi_features[0]].channels, pooler_resolution,
+                                                               num_fc, fc_dim)
+    if layout == "c4":
+        res5_shape = backbone.output_shape()["res5"]
+        res5 = backbone.pop_stage("res5")
+        return backbone, ["res4"], ["res4"], Res5BoxHead(res5, res5_shape.channels)
+    return backbone, ["res5"], ["res5"], FCBoxHead(backbone.output_shape()["res5"].channels, pooler_resolution,
+                                                   num_fc, fc_dim)
