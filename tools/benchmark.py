@@ -27,7 +27,7 @@ for reuse, which takes page-fault time (and its dependence on the other model) o
 
     python tools/benchmark.py --suite gpu --output DIR [--device cuda] [--size HxW] [--iters N] [--warmup W]
 
---suite gpu runs everything the GPU figures need and writes one report, ``DIR/report.json`` (``gpu_suite``).
+--suite gpu runs everything the GPU figures need and writes one report, ``DIR/report.json`` (``tools/gpu_suite.py``).
 
 eval (no config): COCO bbox evaluation of a COCO-val-sized synthetic ground truth and results set
 (``synthetic_coco_eval_set``), timed with each backend (pycocotools, faster_coco_eval) side by side:
@@ -40,21 +40,40 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
+import io
 import json
+import multiprocessing
 import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
+import torchvision
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from backbones.errors import UserError
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_config
-from tasks.tasks import get_task, prepare_config
+from tasks.deploy import onnx_runner
+from tasks.detection.model import resolve_detector_config
+from tasks.engine import TrainingStream
+from tasks.evaluation.coco import coco_evaluate
+from tasks.registry import get_task, prepare_config
+from tools.gpu_suite import gpu_suite
 
 
 def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, seed: int = 0):
@@ -78,29 +97,9 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
     layers), depth, classes and anchors, a FrozenBN ResNet with the stem and ``layer1`` frozen (torchvision's
     own COCO training setting), and the config's RPN and RoI-head sampling, thresholds and top-k. Its
     internal resize is set to the benchmark's image size, so both models see the same pixels."""
-    import torchvision
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
-    from torchvision.ops import MultiScaleRoIAlign
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    from tasks.detection.model import resolve_detector_config
-
     top = resolve_detector_config(config.model)
-    rpn, roi = top["rpn"], top["roi_heads"]
     layout = top["layout"]
-    settings = dict(
-        min_size=min(height, width), max_size=max(height, width),
-        rpn_pre_nms_top_n_train=rpn["pre_nms_topk"][0], rpn_pre_nms_top_n_test=rpn["pre_nms_topk"][1],
-        rpn_post_nms_top_n_train=rpn["post_nms_topk"][0], rpn_post_nms_top_n_test=rpn["post_nms_topk"][1],
-        rpn_nms_thresh=rpn["nms_thresh"], rpn_fg_iou_thresh=rpn["iou_thresholds"][1],
-        rpn_bg_iou_thresh=rpn["iou_thresholds"][0], rpn_batch_size_per_image=rpn["batch_size_per_image"],
-        rpn_positive_fraction=rpn["positive_fraction"], box_score_thresh=roi["score_thresh"],
-        box_nms_thresh=roi["nms_thresh"], box_detections_per_img=roi["detections_per_image"],
-        box_fg_iou_thresh=roi["fg_iou"], box_bg_iou_thresh=roi["bg_iou"],
-        box_batch_size_per_image=roi["batch_size_per_image"], box_positive_fraction=roi["positive_fraction"],
-    )
+    settings = _torchvision_settings(top["rpn"], top["roi_heads"], height, width)
     num_classes = top["num_classes"] + 1
     body = getattr(torchvision.models, f"resnet{top['backbone']['depth']}")(
         norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, layout == "dc5"]
@@ -113,7 +112,28 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
         return torchvision.models.detection.FasterRCNN(
             _resnet_fpn_extractor(body, 3), num_classes=num_classes, rpn_anchor_generator=anchor_generator, **settings
         )
+    return _torchvision_single_level(body, layout, top["roi_heads"], anchor_generator, num_classes, settings)
 
+
+def _torchvision_settings(rpn: dict, roi: dict, height: int, width: int) -> dict:
+    """``FasterRCNN``'s keyword arguments for the config's RPN and RoI-head settings, resized to the image."""
+    return dict(
+        min_size=min(height, width), max_size=max(height, width),
+        rpn_pre_nms_top_n_train=rpn["pre_nms_topk"][0], rpn_pre_nms_top_n_test=rpn["pre_nms_topk"][1],
+        rpn_post_nms_top_n_train=rpn["post_nms_topk"][0], rpn_post_nms_top_n_test=rpn["post_nms_topk"][1],
+        rpn_nms_thresh=rpn["nms_thresh"], rpn_fg_iou_thresh=rpn["iou_thresholds"][1],
+        rpn_bg_iou_thresh=rpn["iou_thresholds"][0], rpn_batch_size_per_image=rpn["batch_size_per_image"],
+        rpn_positive_fraction=rpn["positive_fraction"], box_score_thresh=roi["score_thresh"],
+        box_nms_thresh=roi["nms_thresh"], box_detections_per_img=roi["detections_per_image"],
+        box_fg_iou_thresh=roi["fg_iou"], box_bg_iou_thresh=roi["bg_iou"],
+        box_batch_size_per_image=roi["batch_size_per_image"], box_positive_fraction=roi["positive_fraction"],
+    )
+
+
+def _torchvision_single_level(body, layout: str, roi: dict, anchor_generator, num_classes: int,
+                              settings: dict) -> torch.nn.Module:
+    """The ``c4`` or ``dc5`` ``FasterRCNN`` on the ResNet ``body``: one feature level, the stem and
+    ``layer1`` frozen; ``c4``: ``layer4`` + average pooling is the box head, ``dc5``: two fc layers."""
     for module in (body.conv1, body.layer1):
         module.requires_grad_(False)
     resolution = roi["pooler_resolution"]
@@ -249,10 +269,9 @@ def benchmark_models(args, config) -> dict:
     if args.compare == "torchvision":
         if config.task != "detection":
             raise UserError("--compare torchvision is implemented for detection configs")
-        runners.append(Runner("torchvision", torchvision_detector(config, height, width), args.mode, device, autocast_dtype, True))
+        runners.append(Runner("torchvision", torchvision_detector(config, height, width), args.mode, device, autocast_dtype,
+                              True))
     if args.compare == "onnxruntime":  # the same model exported (or --weights FILE.onnx), run on ONNX Runtime
-        from tasks.deploy import onnx_runner
-
         runners.append(Runner("onnxruntime", onnx_runner(runners[0].model, config, args.mode, args.weights),
                               args.mode, device, None, False))
     images, targets = synthetic_batch(args.batch_size, height, width, config.model.get("num_classes", 80))
@@ -310,9 +329,6 @@ def worker_copy_bytes() -> int | None:
     walked the parent's objects (it writes to every tracked object's header, so each page holding one
     becomes the worker's own): the growth of a forked child's private memory across ``gc.collect()``.
     Measured before and after a dataset is built, the difference is the dataset's share."""
-    import gc
-    import multiprocessing
-
     if private_dirty_bytes() is None:
         return None
 
@@ -334,8 +350,6 @@ def synthetic_coco_train_annotations(path: Path, num_images: int = 118287, seed:
     """Write a COCO-train2017-sized instances file to ``path``: ``num_images`` 640x480 images, about 7
     annotations each (COCO train2017: 860k in 118k images), each a polygon of 8-40 points (a fifth split in
     two or three parts), 1% crowd regions as uncompressed RLE, 80 categories. About COCO's file size."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     width, height = 640, 480
     images = [{"id": i + 1, "width": width, "height": height, "file_name": f"{i + 1:012d}.jpg"} for i in range(num_images)]
@@ -366,13 +380,6 @@ def benchmark_data(args, config) -> dict:
     """The config's training dataset: how long it takes to build, the memory it adds to the process and
     what each forked worker copies of it; then (unless ``--iters 0``) images/second through the training
     data loader with ``data.num_workers`` workers."""
-    import gc
-    import tempfile
-
-    from torch.utils.data import DataLoader
-
-    from tasks.engine import TrainingStream
-
     task = get_task(config.task)
     results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -417,8 +424,6 @@ def synthetic_coco_eval_set(num_images: int, per_image: int, seed: int = 0) -> t
     """A COCO-like ground truth (``num_images`` 640x480 images, 80 categories, about 7 boxes an image of
     all sizes, some crowd) and ``per_image`` detections an image: each object found with a jittered box
     and a score, the rest false positives, some of the wrong class. Deterministic from ``seed``."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     width, height = 640, 480
     images = [{"id": i + 1, "width": width, "height": height, "file_name": f"{i + 1:012d}.jpg"} for i in range(num_images)]
@@ -453,13 +458,6 @@ def synthetic_coco_eval_set(num_images: int, per_image: int, seed: int = 0) -> t
 
 def benchmark_eval(args) -> dict:
     """Both COCO evaluation backends on the same synthetic set, one after the other."""
-    import io
-    from importlib.metadata import version
-
-    from pycocotools.coco import COCO
-
-    from tasks.coco_eval import coco_evaluate
-
     dataset, results = synthetic_coco_eval_set(args.images, args.per_image)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
@@ -476,122 +474,6 @@ def benchmark_eval(args) -> dict:
             "seconds": timings, "time_ratio": timings["faster_coco_eval"] / timings["pycocotools"],
             "same_numbers": agree, "AP": stats["pycocotools"]["AP"],
             "versions": {p: version(p) for p in ("pycocotools", "faster-coco-eval")}}
-
-
-# (config, name) of the models the GPU suite measures against torchvision
-GPU_SUITE_MODELS = [("configs/frcnn_r50.yaml", "R50-FPN"), ("configs/frcnn_r101.yaml", "R101-FPN"),
-                    ("configs/frcnn_r101_c4.yaml", "R101-C4")]
-
-
-def gpu_suite(args) -> dict:
-    """The CUDA tests and every GPU figure, each step a subprocess of its own (logs in ``DIR/logs``):
-
-    1. ``tests/test_cuda.py`` (pytest, JUnit XML in ``DIR/cuda_tests.xml``);
-    2. training and inference of R50-FPN, R101-FPN and R101-C4 side by side with torchvision, bf16, at
-       ``--size`` (default 800x1088, a COCO image at test scale, padded), with each config's own batch
-       sizes (``train.batch_size``, ``eval.batch_size``);
-    3. the training data pipeline of R50-FPN with its ``data.num_workers`` workers, on ``datasets/coco``
-       when it is there, else on the test photos (``../shared/data/tinycoco``);
-    4. the detection quickstart end to end (``tools/train.py configs/quickstart.yaml``): seconds and AP.
-
-    The report holds each step's command, exit code, seconds and results, the device and versions, and the
-    R50-FPN targets (training time_ratio <= 1/1.5, >= 60 images/s, memory_ratio <= 1.0; inference
-    time_ratio <= 1/1.5; data >= 2x training images/s) with the figure reached. Results of an earlier run
-    in the same folder are removed first. ``--device cpu`` is a dry run of the suite itself: the tests on
-    the CPU (``RESDET_TEST_DEVICE=cpu``), a 4-iteration quickstart."""
-    import importlib.util
-    import os
-    import shutil
-    import subprocess
-    import xml.etree.ElementTree as ElementTree
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--suite gpu needs a CUDA device, and torch sees none (torch.cuda.is_available() is False); "
-                        "--device cpu runs a short dry run of the suite itself")
-    missing = [name for name in ("pytest", "pycocotools", "albumentations") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise UserError(f"--suite gpu needs {', '.join(missing)}: pip install -e '.[test]'")
-    if not args.output:
-        raise UserError("--suite gpu writes a folder of results: give it with --output DIR")
-    root = Path(__file__).resolve().parents[1]
-    out = Path(args.output).resolve()
-    written = ["report.json", "cuda_tests.xml", "data_r50-fpn.json",
-               *(f"{mode}_{name.lower()}.json" for _, name in GPU_SUITE_MODELS for mode in ("train", "infer"))]
-    for earlier in ("logs", "quickstart", "synthetic"):  # what this suite wrote before, and nothing else
-        shutil.rmtree(out / earlier, ignore_errors=True)
-    for earlier in written:
-        (out / earlier).unlink(missing_ok=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    dry_run = not args.device.startswith("cuda")
-    iters = args.iters or (1 if dry_run else 20)
-    warmup = args.warmup if args.warmup is not None else (0 if dry_run else 5)
-    steps: dict[str, dict] = {}
-
-    def step(name: str, command: list[str], env: dict | None = None) -> dict:
-        print(f"[suite] {name}: {' '.join(command)}", flush=True)
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, *command], cwd=root, capture_output=True, text=True,
-                              env={**os.environ, **(env or {})})
-        (out / "logs" / f"{name}.log").write_text(done.stdout + done.stderr)
-        steps[name] = {"command": " ".join(["python", *command]), "returncode": done.returncode,
-                       "seconds": round(time.perf_counter() - start, 1)}
-        if done.returncode:
-            print(f"[suite] {name} failed (exit {done.returncode}); its log: {out / 'logs' / (name + '.log')}", flush=True)
-        return steps[name]
-
-    def results_of(path: Path) -> dict | None:
-        return json.loads(path.read_text())["results"] if path.is_file() else None
-
-    tests = step("cuda_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                                f"--junitxml={out / 'cuda_tests.xml'}"], env={"RESDET_TEST_DEVICE": args.device})
-    if (out / "cuda_tests.xml").is_file():
-        cases = ElementTree.parse(out / "cuda_tests.xml").getroot().iter("testcase")
-        tests["outcomes"] = {f"{c.get('classname', '').rsplit('.', 1)[-1]}::{c.get('name')}":
-                             next((child.tag for child in c if child.tag in ("failure", "error", "skipped")), "passed")
-                             for c in cases}
-    common = ["--device", args.device, "--size", args.size, "--iters", str(iters), "--warmup", str(warmup)]
-    figures: dict[str, dict] = {}
-    for config_file, name in GPU_SUITE_MODELS:
-        config = load_config(root / config_file)
-        for mode, batch in (("train", config.train.batch_size), ("infer", config.eval.batch_size)):
-            key = f"{mode} {name}"
-            path = out / f"{mode}_{name.lower()}.json"
-            step(key, ["tools/benchmark.py", config_file, "--mode", mode, "--compare", "torchvision",
-                       "--mixed-precision", "bf16", "--batch-size", str(batch), *common, "--output", str(path)])
-            figures[key] = results_of(path)
-    coco = root / "datasets" / "coco"
-    data_overrides = ([f"data.root={coco}"] if (coco / "annotations").is_dir() else
-                      [f"data.root={root.parent / 'shared' / 'data' / 'tinycoco'}", "data.train.images=images/train2017"])
-    step("data R50-FPN", ["tools/benchmark.py", "configs/frcnn_r50.yaml", "--mode", "data", *data_overrides,
-                          "--iters", str(max(iters, 25)), "--warmup", "5", "--batch-size", "2",
-                          "--output", str(out / "data_r50-fpn.json")])
-    figures["data R50-FPN"] = results_of(out / "data_r50-fpn.json")
-    quick = ["tools/train.py", "configs/quickstart.yaml", f"output_dir={out / 'quickstart'}",
-             f"data.root={out / 'synthetic'}", "resume=false"]
-    quickstart = step("quickstart", quick + (["train.max_iters=4", "train.checkpoint_period=0"] if dry_run else []))
-    metrics = out / "quickstart" / "metrics.json"
-    quickstart["metrics"] = json.loads(metrics.read_text()) if metrics.is_file() else None
-
-    def figure(key: str, *fields: str):
-        value = figures.get(key)
-        for field in fields:
-            value = value.get(field) if isinstance(value, dict) else None
-        return value
-
-    train_rate, data_rate = figure("train R50-FPN", "ours", "images_per_second"), figure("data R50-FPN", "images_per_second")
-    targets = [  # (what, figure reached, bound, at most or at least); 1.5x the throughput is 1/1.5 the time
-        ("train R50-FPN time_ratio", figure("train R50-FPN", "time_ratio"), 1 / 1.5, "at most"),
-        ("train R50-FPN images/s", train_rate, 60.0, "at least"),
-        ("train R50-FPN memory_ratio", figure("train R50-FPN", "memory_ratio"), 1.0, "at most"),
-        ("infer R50-FPN time_ratio", figure("infer R50-FPN", "time_ratio"), 1 / 1.5, "at most"),
-        ("data images/s / train images/s", data_rate / train_rate if data_rate and train_rate else None, 2.0, "at least"),
-    ]
-    checked = {what: {"figure": value, "target": f"{side} {bound:.4g}",
-                      "met": None if value is None else (value <= bound if side == "at most" else value >= bound)}
-               for what, value, bound, side in targets}
-    return {"dry_run": dry_run, "iters": iters, "warmup": warmup, "steps": steps, "figures": figures,
-            "targets": checked, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "all_steps_ran": all(s["returncode"] == 0 for s in steps.values())}
 
 
 @tool
@@ -645,12 +527,13 @@ def _report(args, results: dict) -> int:
     record = {
         "config": args.config, "overrides": args.overrides, "mode": args.suite or args.mode, "device": args.device,
         "batch_size": args.batch_size, "size": args.size, "iters": args.iters, "warmup": args.warmup,
-        "mixed_precision": args.mixed_precision, "cpu_allocator": args.cpu_allocator, "command": " ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
+        "mixed_precision": args.mixed_precision, "cpu_allocator": args.cpu_allocator,
+        "command": " ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
         "hardware": {"machine": platform.machine(), "processor": platform.processor(),
                      "cpu_threads": torch.get_num_threads(),
                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
         "software": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": __import__("torchvision").__version__},
+                     "torchvision": torchvision.__version__},
         "results": results,
     }
     text = json.dumps(record, indent=2)
