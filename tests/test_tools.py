@@ -44,7 +44,7 @@ def error_line(main, argv, capsys) -> str:
 # --- one-line errors, failing fast -------------------------------------------------------------------
 
 def test_user_errors_are_one_line_with_exit_code_2(shapes, tmp_path, capsys):
-    from tasks.data.synthetic import main as generate_main
+    from tasks.data.synthetic.__main__ import main as generate_main
     from tools.benchmark import main as benchmark
     from tools.check_data import main as check_data
     from tools.eval import main as evaluate

@@ -14,7 +14,8 @@ from . import generate, generate_crops
 
 @tool
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset in COCO layout.")
+    parser = argparse.ArgumentParser(prog="python -m tasks.data.synthetic",
+                                     description="Generate the synthetic shapes dataset in COCO layout.")
     parser.add_argument("root")
     parser.add_argument("--num-train", type=int, default=400)
     parser.add_argument("--num-val", type=int, default=100)
