@@ -65,3 +65,16 @@ def randomize_frozen_(module: torch.nn.Module) -> torch.nn.Module:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
     return module
+
+
+# The longest tests start first, so that under pytest-xdist the other workers share out the rest while they
+# run instead of one of them being left with a long test at the end.
+LONG_FIRST = ("test_segmentation_quickstart_reaches_its_bar", "test_sigterm_writes_a_checkpoint",
+              "test_tiny_detector_overfits_a_few_real_images", "test_two_process_training_and_evaluation")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        return next((i for i, name in enumerate(LONG_FIRST) if item.name.startswith(name)), len(LONG_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
