@@ -15,11 +15,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_area, box_iou, remove_small_boxes, roi_align
+from torchvision.ops import box_area, box_iou, remove_small_boxes, roi_align
 
 from backbones import ShapeSpec
 
-from .boxes import BoxCoder, Matcher, box_loss, clip_boxes, sample_balanced
+from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, sample_balanced
 from .roi_align import sparse_roi_align
 
 POOLER_IMPLS = ("auto", "torchvision", "sparse")
@@ -202,8 +202,7 @@ class RoIHeads(nn.Module):
             matched, match_labels = self.matcher.match(box_iou(gt, boxes))
             if gt.shape[0]:
                 cls = torch.where(match_labels == 1, gt_labels[matched], torch.zeros_like(matched))
-                cls[match_labels == -1] = -1
-                cls[crowd[matched] & (match_labels != 0)] = -1
+                cls = cls.masked_fill((match_labels == -1) | (crowd[matched] & (match_labels != 0)), -1)
                 matched_boxes.append(gt[matched])
             else:
                 cls = torch.zeros_like(matched)

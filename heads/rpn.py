@@ -7,12 +7,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 from backbones import ShapeSpec
 
 from .anchors import AnchorGenerator
-from .boxes import BoxCoder, Matcher, box_loss, clip_boxes, sample_balanced
+from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, sample_balanced
 
 
 class RPNHead(nn.Module):
@@ -67,7 +67,8 @@ class RPNHead(nn.Module):
         product with the gathered 3x3 patches), so the backward pass costs nothing on the rest of the maps:
         on a whole map it is the largest convolution backward of an FPN detector's training step."""
         num_anchors = self.objectness.out_channels
-        sizes = torch.tensor([f.shape[-2] * f.shape[-1] * num_anchors for f in features], device=index.device)
+        sizes = torch.tensor([f.shape[-2] * f.shape[-1] * num_anchors for f in features],
+                             pin_memory=index.is_cuda).to(index.device, non_blocking=True)  # copied without a wait
         ends = sizes.cumsum(0)
         level = torch.searchsorted(ends, index, right=True)
         conv_weight = self.conv.weight.permute(0, 2, 3, 1).flatten(1)  # (C_out, 3 * 3 * C_in), (ky, kx, c)

@@ -5,6 +5,7 @@
         [--device cpu|cuda] [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
         [--output FILE.json] [--cpu-allocator default|retain] [key=value ...]
     python tools/benchmark.py --mode eval [--images 5000] [--per-image 100] [--output FILE.json]
+    python tools/benchmark.py CONFIG --mode syncs [--compare torchvision] [--batch-size B] [--size HxW] [--device D]
 
 train: full training steps (forward, backward, SGD step) on synthetic images and boxes of the given size;
 infer: forward in eval mode with post-processing; data: the config's training dataset (seconds to build it,
@@ -33,6 +34,10 @@ eval (no config): COCO bbox evaluation of a COCO-val-sized synthetic ground trut
 (``synthetic_coco_eval_set``), timed with each backend (pycocotools, faster_coco_eval) side by side:
 seconds for loading the results, evaluating, accumulating and summarizing, ``time_ratio`` (faster /
 pycocotools) and whether the 12 numbers agree to 1e-6.
+
+syncs: the host-blocking points (data-dependent ops, scalar reads, blocking host-to-device copies) of one
+training step and one inference call of the config's detector on a synthetic batch, by kind and call site,
+with CUDA's code paths even on the CPU (``tools/syncs.py``); ``--compare torchvision``: its detector too.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ from tasks.engine import TrainingStream
 from tasks.evaluation.coco import coco_evaluate
 from tasks.registry import get_task, prepare_config
 from tools.gpu_suite import gpu_suite
+from tools.syncs import count_model_syncs, torchvision_inputs
 
 
 def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, seed: int = 0):
@@ -301,6 +307,25 @@ def benchmark_models(args, config) -> dict:
     return results
 
 
+def benchmark_syncs(args, config) -> dict:
+    """Host-blocking points of one training step and one inference call (``tools/syncs.py``), ours and, with
+    ``--compare torchvision``, torchvision's detector of the same architecture, on the same batch."""
+    if config.task != "detection":
+        raise UserError("--mode syncs counts a detector's host syncs: give a detection config")
+    if args.compare == "onnxruntime":
+        raise UserError("--mode syncs compares with torchvision's detector: --compare torchvision")
+    device = torch.device(args.device)
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    images, targets = synthetic_batch(args.batch_size, height, width, config.model.get("num_classes", 80))
+    ours = get_task(config.task).build_model(config, init_weights=False).to(device)
+    results = {"ours": {k: r.as_dict() for k, r in count_model_syncs(ours, images, targets, device).items()}}
+    if args.compare == "torchvision":
+        theirs = torchvision_detector(config, height, width).to(device)
+        counted = count_model_syncs(theirs, torchvision_inputs(images), targets, device, to_device=True)
+        results["torchvision"] = {k: r.as_dict() for k, r in counted.items()}
+    return results
+
+
 def proc_bytes(table: str, key: str) -> int | None:
     """A memory figure of this process from ``/proc/self/<table>`` (``key: N kB``), in bytes; ``None`` off
     Linux."""
@@ -481,7 +506,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="the config to measure (all modes but eval)")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--mode", choices=["train", "infer", "data", "eval"], default="train")
+    parser.add_argument("--mode", choices=["train", "infer", "data", "eval", "syncs"], default="train")
     parser.add_argument("--suite", choices=["gpu"], help="gpu: the CUDA tests and every GPU figure, one report in "
                                                          "--output DIR (see gpu_suite)")
     parser.add_argument("--images", type=int, default=5000, help="eval: images of the synthetic set (COCO val: 5000)")
@@ -519,7 +544,8 @@ def main(argv: list[str]) -> int:
     if args.cpu_allocator == "retain" and not retain_freed_memory():
         raise UserError("--cpu-allocator retain needs glibc's malloc")
     torch.manual_seed(0)
-    return _report(args, benchmark_data(args, config) if args.mode == "data" else benchmark_models(args, config))
+    run = {"data": benchmark_data, "syncs": benchmark_syncs}.get(args.mode, benchmark_models)
+    return _report(args, run(args, config))
 
 
 def _report(args, results: dict) -> int:

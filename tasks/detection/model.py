@@ -70,7 +70,9 @@ class FasterRCNN(nn.Module):
         batch, sizes = self.preprocess(images)
         features = self.backbone(batch)
         if self.training:
-            targets = [{k: v.to(batch.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            # non_blocking: from the DataLoader's pinned memory the copies are queued, the host does not wait
+            targets = [{k: v.to(batch.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
             proposals, rpn_losses = self.rpn(features, sizes, targets)
             _, roi_losses = self.roi_heads(features, proposals, sizes, targets)
             return {**rpn_losses, **roi_losses}

@@ -1,0 +1,89 @@
+"""The host-sync counter (tools/syncs.py) on hand-made cases, and the detector's counts it gives, held exactly."""
+
+import pytest
+import torch
+import torchvision
+
+from heads.boxes import batched_nms
+from tasks.config import load_config
+from tasks.registry import get_task, prepare_config
+from tools.benchmark import synthetic_batch, torchvision_detector
+from tools.syncs import HostSyncs, count_model_syncs, cuda_code_paths, torchvision_inputs
+
+CPU = torch.device("cpu")
+
+
+def counted(function, host=()):
+    with HostSyncs(list(host), CPU) as counter:
+        function()
+    return dict(counter.report.by_kind)
+
+
+def test_each_kind_of_host_sync_is_counted_once():
+    host = torch.arange(6.0)  # as the data pipeline gives it
+    computed = host * 2  # ... and what the model computes from it after moving it: on the device
+    device_tensor = torch.rand(6)
+    assert counted(lambda: device_tensor[device_tensor > 0.5]) == {"boolean-mask index": 1}
+    assert counted(lambda: torch.where(device_tensor > 0.5)) == {"nonzero": 1}
+    assert counted(lambda: device_tensor.sum().item()) == {"scalar read": 1}
+    assert counted(lambda: bool(device_tensor.sum() > 0)) == {"scalar read": 1}
+    assert counted(lambda: device_tensor.tolist()) == {"device-to-host tolist": 1}
+    assert counted(lambda: torch.tensor([1.0, 2.0], device=CPU)) == {"tensor from Python data on the device": 1}
+    assert counted(lambda: host.to(CPU), [host]) == {"blocking host-to-device copy": 1}
+    assert counted(lambda: host.to(CPU, non_blocking=True), [host]) == {}
+    assert counted(lambda: host.float().to(CPU), [host]) == {"blocking host-to-device copy": 1}  # still on the host
+    assert counted(lambda: host.tolist(), [host]) == {}  # the host reading its own data
+    assert counted(lambda: host.to(torch.float64), [host]) == {}  # a dtype change is no copy to the device
+    assert counted(lambda: torch.zeros(3).to(CPU)) == {"blocking host-to-device copy": 1}  # made on the host
+    assert counted(lambda: torch.zeros(3, device=CPU) + computed[:3]) == {}
+    masked = device_tensor.clone()
+    assert counted(lambda: masked.__setitem__(masked > 0.5, 0.0)) == {"boolean-mask index_put": 1}
+    assert counted(lambda: masked.masked_fill(masked > 0.5, 0.0)) == {}  # the sync-free form
+    assert counted(lambda: torch.unique(torch.tensor([1, 1, 2]))) == {"unique": 1}
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]])
+    assert counted(lambda: torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)) == {"nms": 1}
+
+
+@pytest.mark.parametrize("num_boxes, cuda_kinds", [(2000, {"blocking host-to-device copy": 1, "nms": 1}),
+                                                   (6000, {"unique": 1, "nonzero": 4, "nms": 3})])
+def test_batched_nms_follows_cudas_rule_on_the_cpu(num_boxes, cuda_kinds):
+    """torchvision's batched_nms loops over the classes (unique, a nonzero and an NMS each, a last nonzero)
+    above 4 000 box numbers on the CPU, above 20 000 on CUDA (below: one NMS, after a copy of its
+    ``torch.tensor(1)``); the counter takes CUDA's choice. Ours keeps torchvision's result without the copy."""
+    generator = torch.Generator().manual_seed(0)
+    xy = torch.rand(num_boxes, 2, generator=generator) * 500
+    boxes = torch.cat([xy, xy + 20], dim=1)
+    scores, classes = torch.rand(num_boxes, generator=generator), torch.arange(num_boxes) % 3
+    assert counted(lambda: torchvision.ops.batched_nms(boxes, scores, classes, 0.5)) == {
+        "unique": 1, "nonzero": 4, "nms": 3}  # the CPU's path, outside cuda_code_paths
+    with cuda_code_paths(torch.nn.Module()):
+        assert counted(lambda: torchvision.ops.batched_nms(boxes, scores, classes, 0.5)) == cuda_kinds
+        ours = {k: v for k, v in cuda_kinds.items() if k != "blocking host-to-device copy"}
+        assert counted(lambda: batched_nms(boxes, scores, classes, 0.5)) == ours
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), torchvision.ops.batched_nms(boxes, scores, classes, 0.5))
+
+
+def _detector_counts(layout: str):
+    """Ours and torchvision's of the same architecture and settings, on a batch of two small images (ResNet-18 where
+    torchvision's basic blocks allow it: they cannot be dilated, so DC5 is a ResNet-50)."""
+    depth, (height, width) = (50, (128, 160)) if layout == "dc5" else (18, (192, 256))
+    config = prepare_config(load_config("configs/frcnn_r50.yaml", [
+        f"model.layout={layout}", f"model.backbone.depth={depth}", "model.backbone.weights=null", "model.num_classes=3",
+        "model.roi_heads.batch_size_per_image=64", "model.rpn.post_nms_topk=[200,100]"]))  # fewer RoIs: faster, same syncs
+    torch.manual_seed(0)
+    images, targets = synthetic_batch(2, height, width, 3)
+    ours = get_task("detection").build_model(config, init_weights=False)
+    theirs = torchvision_detector(config, height, width)
+    return (count_model_syncs(ours, images, targets, CPU),
+            count_model_syncs(theirs, torchvision_inputs(images), targets, CPU, to_device=True))
+
+
+# (training step, inference call) host-blocking points of a batch of two images
+OURS = {"fpn": (23, 14), "c4": (15, 10), "dc5": (15, 10)}
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
+def test_detector_host_syncs_are_held_exactly_and_fewer_than_torchvisions(layout):
+    ours, theirs = _detector_counts(layout)
+    assert (ours["train"].total, ours["infer"].total) == OURS[layout], (ours["train"].as_dict(), ours["infer"].as_dict())
+    assert ours["train"].total < theirs["train"].total and ours["infer"].total < theirs["infer"].total
