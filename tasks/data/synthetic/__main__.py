@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from backbones.errors import UserError
+from tasks.cli import DEBUG_HELP, tool
 
-from ...cli import DEBUG_HELP, tool
 from . import generate, generate_crops
 
 
