@@ -118,8 +118,9 @@ def results_of(path: Path) -> dict | None:
 def run_cuda_tests(suite: Suite) -> None:
     """Step 1: ``tests/test_cuda.py`` on the suite's device, each test's outcome from its JUnit XML."""
     xml = suite.out / "cuda_tests.xml"
-    tests = suite.step("cuda_tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                                      f"--junitxml={xml}"], env={"RESDET_TEST_DEVICE": suite.device})
+    # one process (not the test command's pytest-xdist workers, which the GPU node may not have installed)
+    tests = suite.step("cuda_tests", ["-m", "pytest", "-q", "-o", "addopts=-ra", "-p", "no:cacheprovider",
+                                      "tests/test_cuda.py", f"--junitxml={xml}"], env={"RESDET_TEST_DEVICE": suite.device})
     if xml.is_file():
         cases = ElementTree.parse(xml).getroot().iter("testcase")
         tests["outcomes"] = {f"{c.get('classname', '').rsplit('.', 1)[-1]}::{c.get('name')}":
