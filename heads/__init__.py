@@ -2,7 +2,7 @@
 
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, Matcher, box_loss, sample_balanced
-from .roi_heads import FastRCNNPredictor, FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler
+from .roi_heads import FastRCNNPredictor, FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler, torchvision_roi_align
 from .rpn import RPN, RPNHead
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "RoIPooler",
     "box_loss",
     "sample_balanced",
+    "torchvision_roi_align",
 ]

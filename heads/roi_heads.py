@@ -9,8 +9,9 @@ Three layouts plug onto a backbone through its ``output_shape()``:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,21 @@ class RoIPooler(nn.Module):
             selected = torch.where(levels == level)[0]
             out.index_copy_(0, selected, self._align(feature, rois[selected], scale).to(out.dtype))
         return out
+
+
+@contextlib.contextmanager
+def torchvision_roi_align(model: nn.Module) -> Iterator[nn.Module]:
+    """While active, every ``RoIPooler`` of ``model`` runs torchvision's kernel (the one ONNX export, FLOP
+    counting and CUDA take; the sparse CPU one has no ONNX form); their ``impl`` restored afterwards."""
+    poolers = [m for m in model.modules() if isinstance(m, RoIPooler)]
+    saved = [m.impl for m in poolers]
+    try:
+        for m in poolers:
+            m.impl = "torchvision"
+        yield model
+    finally:
+        for m, impl in zip(poolers, saved):
+            m.impl = impl
 
 
 class FCBoxHead(nn.Module):

@@ -37,7 +37,7 @@ from torch import nn
 from torch.export import Dim
 
 from backbones.errors import UserError
-from heads import RoIPooler
+from heads import torchvision_roi_align
 from tasks.detection.model import rescale_boxes
 from tasks.modeling.batching import normalize_image
 
@@ -108,16 +108,11 @@ class SegmenterGraph(nn.Module):
 def _exportable(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode with torchvision's RoIAlign (the sparse CPU one has no ONNX form) for the
     duration of an export; restored afterwards."""
-    poolers = [m for m in model.modules() if isinstance(m, RoIPooler)]
-    saved = [m.impl for m in poolers]
     was_training = model.training
     try:
-        for m in poolers:
-            m.impl = "torchvision"
-        yield model.eval()
+        with torchvision_roi_align(model):
+            yield model.eval()
     finally:
-        for m, impl in zip(poolers, saved):
-            m.impl = impl
         model.train(was_training)
 
 

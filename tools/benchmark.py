@@ -71,6 +71,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from backbones.errors import UserError
+from heads import torchvision_roi_align
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_config
 from tasks.deploy import onnx_runner
@@ -227,14 +228,9 @@ class Runner:
         self.model.eval()
         images = [torch.zeros(3, height, width, dtype=torch.uint8)]
         images, _ = self.inputs(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
-        poolers = [m for m in self.model.modules() if hasattr(m, "impl")]
-        impls = [m.impl for m in poolers]
-        for m in poolers:  # the sparse RoIAlign would be counted as a dense product
-            m.impl = "torchvision"
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # the sparse RoIAlign would be counted as a dense product
+        with torchvision_roi_align(self.model), torch.no_grad(), FlopCounterMode(display=False) as counter:
             self.model(images)
-        for m, impl in zip(poolers, impls):
-            m.impl = impl
         result = {
             "seconds_per_iteration": median,
             "images_per_second": batch_size / median,

@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import heads.boxes
+from heads import torchvision_roi_align
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _PROJECT_DIRS = tuple(str(PROJECT_ROOT / name) for name in ("backbones", "heads", "tasks"))
@@ -201,19 +202,14 @@ _OUR_RULE = heads.boxes.loops_over_groups
 def cuda_code_paths(model: torch.nn.Module) -> Iterator[None]:
     """While active: ``model``'s RoIAlign through torchvision's kernel (as on CUDA), and torchvision's and our
     ``batched_nms`` (``heads.boxes``) deciding by CUDA's rule; restored afterwards."""
-    poolers = [m for m in model.modules() if hasattr(m, "impl") and hasattr(m, "sampling_ratio")]
-    saved = [m.impl for m in poolers]
     try:
-        for m in poolers:
-            m.impl = "torchvision"
         tv_boxes._batched_nms_vanilla = _cuda_batched_nms
         heads.boxes.loops_over_groups = _cuda_loops_over_groups
-        yield
+        with torchvision_roi_align(model):
+            yield
     finally:
         tv_boxes._batched_nms_vanilla = _TORCHVISION_VANILLA
         heads.boxes.loops_over_groups = _OUR_RULE
-        for m, impl in zip(poolers, saved):
-            m.impl = impl
 
 
 class HostSyncs:

@@ -184,7 +184,7 @@ class CocoTable:
         return order
 
     def _build_segmentation(self, annotations: list, order: np.ndarray) -> None:
-        image_row = np.repeat(np.arange(len(self.image_ids)), np.diff(self.ann_start))
+        image_row = self.image_of_rows()
         kinds, polygon_counts, polygons, rles = [], [], [], []
         for row, index in enumerate(order.tolist()):
             segm = annotations[index].get("segmentation")
