@@ -16,11 +16,11 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_area, box_iou, remove_small_boxes, roi_align
+from torchvision.ops import box_area, box_iou, roi_align
 
 from backbones import ShapeSpec
 
-from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, sample_balanced
+from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, sample_balanced, sampled_indices
 from .roi_align import sparse_roi_align
 
 POOLER_IMPLS = ("auto", "torchvision", "sparse")
@@ -64,18 +64,31 @@ class RoIPooler(nn.Module):
         level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_size) + 1e-6)
         return (level.clamp(self.min_level, self.max_level) - self.min_level).to(torch.int64)
 
+    def _sparse(self, feature: torch.Tensor) -> bool:
+        return self.impl == "sparse" or (self.impl == "auto" and feature.device.type == "cpu" and self.sampling_ratio > 0)
+
     def _align(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
-        sparse = self.impl == "sparse" or (self.impl == "auto" and feature.device.type == "cpu" and self.sampling_ratio > 0)
-        align = sparse_roi_align if sparse else roi_align
+        align = sparse_roi_align if self._sparse(feature) else roi_align
         return align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
 
-    def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        """``(R, C, S, S)`` for the boxes of all images, in order."""
-        index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
-        rois = torch.cat([index, torch.cat(boxes)], dim=1)  # (R, 5): image index, x1, y1, x2, y2
+    def forward(self, features: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """``(N * R, C, S, S)`` for the boxes ``(N, R, 4)`` of each image, image by image.
+
+        Over several levels, torchvision's kernel pools every box at every level and keeps each box's own
+        level (fixed sizes: no per-level selection for the host to wait for; RoIAlign is a small part of a
+        step); the sparse CPU kernel pools each level's boxes alone (on the CPU nothing waits)."""
+        num_images, per_image = boxes.shape[:2]
+        index = torch.arange(num_images, device=boxes.device, dtype=boxes.dtype)[:, None, None].expand(-1, per_image, 1)
+        rois = torch.cat([index, boxes], dim=2).flatten(0, 1)  # (N * R, 5): image index, x1, y1, x2, y2
         if len(features) == 1:
             return self._align(features[0], rois, self.scales[0])
         levels = self.level_of(rois[:, 1:])
+        if not self._sparse(features[0]):
+            out = None
+            for level, (feature, scale) in enumerate(zip(features, self.scales)):
+                pooled = self._align(feature, rois, scale)
+                out = pooled if out is None else torch.where((levels == level)[:, None, None, None], pooled, out)
+            return out
         out = rois.new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size),
                              dtype=features[0].dtype)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
@@ -172,6 +185,7 @@ class RoIHeads(nn.Module):
         box_loss_type: str = "smooth_l1",
         smooth_l1_beta: float = 1.0 / 9,
         min_size: float = 1e-2,
+        topk_candidates: int | None = None,
     ):
         super().__init__()
         missing = [f for f in in_features if f not in input_shapes]
@@ -187,88 +201,136 @@ class RoIHeads(nn.Module):
         self.box_coder = BoxCoder(box_weights)
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
         self.box_loss_type, self.smooth_l1_beta = box_loss_type, smooth_l1_beta
-        self.min_size = min_size
+        self.min_size, self.topk_candidates = min_size, topk_candidates
 
     def forward(
         self,
         features: dict[str, torch.Tensor],
-        proposals: list[torch.Tensor],
+        proposals: tuple[torch.Tensor, torch.Tensor],
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, torch.Tensor]] | None = None,
     ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """``proposals``: the RPN's ``(boxes (N, P, 4), valid (N, P))``. Training: the losses; inference:
+        per image ``{"boxes", "scores", "labels"}``."""
+        boxes, valid = proposals
         if targets is not None:
-            proposals, labels, regression_targets = self.sample_proposals(proposals, targets)
+            boxes, labels, regression_targets = self.sample_proposals(boxes, valid, targets)
         maps = [features[f] for f in self.in_features]
-        x = self.box_head(self.pooler(maps, proposals))
+        x = self.box_head(self.pooler(maps, boxes))
         class_logits, box_deltas = self.predictor(x)
         if targets is not None:
-            return [], self.losses(class_logits, box_deltas, labels, regression_targets)
-        return self.detect(class_logits, box_deltas, proposals, image_sizes), {}
+            return [], self.losses(class_logits, box_deltas, labels.flatten(), regression_targets.flatten(0, 1))
+        return self.detect(class_logits, box_deltas, boxes, valid, image_sizes), {}
 
     @torch.no_grad()
     def sample_proposals(
-        self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Sampled proposals per image, their class labels (0: background) and regression targets."""
-        candidates, labels, matched_boxes = [], [], []
-        for image_proposals, target in zip(proposals, targets):
-            gt, gt_labels = target["boxes"], target["labels"]
-            crowd = target.get("iscrowd", torch.zeros_like(gt_labels)).bool()
-            boxes = torch.cat([image_proposals, gt[~crowd]])
-            matched, match_labels = self.matcher.match(box_iou(gt, boxes))
-            if gt.shape[0]:
-                cls = torch.where(match_labels == 1, gt_labels[matched], torch.zeros_like(matched))
-                cls = cls.masked_fill((match_labels == -1) | (crowd[matched] & (match_labels != 0)), -1)
-                matched_boxes.append(gt[matched])
-            else:
-                cls = torch.zeros_like(matched)
-                matched_boxes.append(torch.zeros_like(boxes))
-            candidates.append(boxes)
-            labels.append(cls)
-        longest = max(len(c) for c in candidates)
-        padded = torch.full((len(labels), longest), -1, dtype=torch.int64, device=labels[0].device)
-        for i, cls in enumerate(labels):
-            padded[i, : len(cls)] = (cls > 0).long() + (cls < 0).long() * -1  # 1 foreground, 0 bg, -1 ignore
-        positive, negative = sample_balanced(padded, self.batch_size_per_image, self.positive_fraction)
-        keep = positive | negative
-        sampled, sampled_labels, sampled_targets = [], [], []
-        for i, (boxes, cls, gt_boxes) in enumerate(zip(candidates, labels, matched_boxes)):
-            chosen = torch.where(keep[i, : len(cls)])[0]
-            sampled.append(boxes[chosen])
-            sampled_labels.append(cls[chosen])
-            sampled_targets.append(self.box_coder.encode(gt_boxes[chosen], boxes[chosen]))
-        return sampled, torch.cat(sampled_labels), torch.cat(sampled_targets)
+        self, proposals: torch.Tensor, valid: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ground-truth boxes join the ``valid`` proposals ``(N, P, 4)``; a balanced sample of them:
+        boxes ``(N, S, 4)``, class labels ``(N, S)`` (0: background; -1: not sampled, where an image has
+        fewer than ``S`` to sample) and regression targets ``(N, S, 4)``, ``S = batch_size_per_image``
+        (or all candidates if fewer). Crowd boxes join as candidates never sampled."""
+        num_gt = max(len(t["boxes"]) for t in targets)
+        gt_boxes = proposals.new_zeros((len(targets), num_gt, 4))
+        gt_ok = torch.zeros((len(targets), num_gt), dtype=torch.bool, device=proposals.device)
+        for i, target in enumerate(targets):
+            count = len(target["boxes"])
+            gt_boxes[i, :count] = target["boxes"]
+            gt_ok[i, :count] = ~target.get("iscrowd", torch.zeros_like(target["labels"])).bool()
+        candidates = torch.cat([proposals, gt_boxes], dim=1)  # (N, P + G, 4)
+        usable = torch.cat([valid, gt_ok], dim=1)
+        labels, matched_boxes = [], []
+        for boxes, ok, target in zip(candidates, usable, targets):
+            cls, matched = self._label(boxes, target)
+            labels.append(cls.masked_fill(~ok, -1))
+            matched_boxes.append(matched)
+        labels, matched_boxes = torch.stack(labels), torch.stack(matched_boxes)
+        foreground = (labels > 0).long() - (labels < 0).long()  # 1 foreground, 0 background, -1 ignored
+        positive, negative = sample_balanced(foreground, self.batch_size_per_image, self.positive_fraction)
+        index, sampled = sampled_indices(positive | negative, self.batch_size_per_image)  # (N, S)
+        index4 = index[..., None].expand(-1, -1, 4)
+        boxes = candidates.gather(1, index4)
+        regression_targets = self.box_coder.encode(matched_boxes.gather(1, index4), boxes)
+        return boxes, labels.gather(1, index).masked_fill(~sampled, -1), regression_targets
+
+    def _label(self, boxes: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's candidates ``(B, 4)``: class labels (0 background, -1 ignored: between the IoU
+        thresholds or matched to a crowd box) and matched ground-truth boxes ``(B, 4)``."""
+        gt, gt_labels = target["boxes"], target["labels"]
+        matched, match_labels = self.matcher.match(box_iou(gt, boxes))
+        if not gt.shape[0]:
+            return torch.zeros_like(matched), torch.zeros_like(boxes)
+        crowd = target.get("iscrowd", torch.zeros_like(gt_labels)).bool()
+        cls = torch.where(match_labels == 1, gt_labels[matched], torch.zeros_like(matched))
+        cls = cls.masked_fill((match_labels == -1) | (crowd[matched] & (match_labels != 0)), -1)
+        return cls, gt[matched]
 
     def losses(
         self, class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor, regression_targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        loss_cls = F.cross_entropy(class_logits, labels)
-        positive = torch.where(labels > 0)[0]
-        deltas = box_deltas.view(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)[positive, labels[positive]]
-        loss_box = box_loss(deltas, regression_targets[positive], self.box_loss_type, self.smooth_l1_beta)
-        return {"loss_cls": loss_cls, "loss_box": loss_box / max(labels.numel(), 1)}
+        """Cross-entropy over the sampled RoIs (``labels`` >= 0) and the box loss of the positives' deltas of
+        their class, both over the number sampled."""
+        sampled = labels >= 0
+        num_sampled = sampled.sum().clamp(min=1)
+        classes = labels.clamp(min=0)
+        loss_cls = (F.cross_entropy(class_logits, classes, reduction="none") * sampled).sum() / num_sampled
+        positive = labels > 0
+        deltas = box_deltas.view(box_deltas.shape[0], -1, 4).gather(1, classes[:, None, None].expand(-1, 1, 4))[:, 0]
+        targets = torch.where(positive[:, None], regression_targets, 0)  # others weigh zero (and may be inf)
+        loss_box = box_loss(deltas, targets, self.box_loss_type, self.smooth_l1_beta, positive.to(deltas.dtype))
+        return {"loss_cls": loss_cls, "loss_box": loss_box / num_sampled}
 
     def detect(
         self,
         class_logits: torch.Tensor,
         box_deltas: torch.Tensor,
-        proposals: list[torch.Tensor],
+        proposals: torch.Tensor,
+        valid: torch.Tensor,
         image_sizes: list[tuple[int, int]],
     ) -> list[dict[str, torch.Tensor]]:
-        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).view(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)
-        scores = F.softmax(class_logits, dim=-1)
-        counts = [p.shape[0] for p in proposals]  # traced sizes in an ONNX export, not constants
+        """Per image the best ``detections_per_image`` class-specific boxes of the ``valid`` proposals
+        ``(N, P, 4)``: scores above ``score_thresh``, sides of at least ``min_size``, per-class NMS.
+
+        Candidates: with ``topk_candidates`` the best that many per image pass on at a fixed size (the
+        result is the same unless fewer than ``detections_per_image`` boxes survive among them while more
+        than that many passed the filters); without it (or while an ONNX export traces the model) all that
+        pass. One NMS call for all images and classes; the per-image counts are then read once, to cut the
+        results into the per-image lists."""
+        num_images, per_image = valid.shape
+        num_classes = self.num_classes
+        boxes = self.box_coder.decode(box_deltas, proposals.flatten(0, 1)).view(num_images, per_image, num_classes + 1, 4)
+        boxes = torch.stack([clip_boxes(b, size) for b, size in zip(boxes, image_sizes)])[:, :, 1:]  # drop background
+        boxes = boxes.reshape(num_images, -1, 4)  # (N, P * K, 4), proposal-major
+        scores = F.softmax(class_logits, dim=-1)[:, 1:].reshape(num_images, -1)  # (N, P * K)
+        usable = valid.repeat_interleave(num_classes, dim=1) & (scores > self.score_thresh)
+        if self.min_size > 0:  # torchvision's remove_small_boxes
+            usable = usable & (boxes[..., 2] - boxes[..., 0] >= self.min_size) & (boxes[..., 3] - boxes[..., 1] >= self.min_size)
+        if self.topk_candidates and not torch.jit.is_tracing():
+            _, index = torch.where(usable, scores, -1.0).topk(min(self.topk_candidates, scores.shape[1]), dim=1)
+            image = torch.where(usable.gather(1, index), torch.arange(num_images, device=index.device)[:, None],
+                                num_images)  # those that do not pass: an image of their own, after the others
+            image, index = image.flatten(), index.flatten()
+        else:
+            image, index = torch.where(usable)
+        image_of = image.clamp(max=num_images - 1)
+        candidate_boxes, candidate_scores = boxes[image_of, index], scores[image_of, index]
+        labels = index % num_classes + 1
+        keep = batched_nms(candidate_boxes, candidate_scores, image * num_classes + labels, self.nms_thresh)  # best first
         results = []
-        for image_boxes, image_scores, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
-            image_boxes = clip_boxes(image_boxes, size)[:, 1:].reshape(-1, 4)  # drop background
-            labels = torch.arange(1, self.num_classes + 1, device=scores.device).expand(image_scores.shape[0], -1)
-            image_scores = image_scores[:, 1:].reshape(-1)
-            labels = labels.reshape(-1)
-            keep = torch.where(image_scores > self.score_thresh)[0]
-            image_boxes, image_scores, labels = image_boxes[keep], image_scores[keep], labels[keep]
-            if self.min_size > 0:
-                keep = remove_small_boxes(image_boxes, min_size=self.min_size)
-                image_boxes, image_scores, labels = image_boxes[keep], image_scores[keep], labels[keep]
-            keep = batched_nms(image_boxes, image_scores, labels, self.nms_thresh)[: self.detections_per_image]
-            results.append({"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": labels[keep]})
+        for image_keep in self._per_image(keep, image[keep], num_images):
+            image_keep = image_keep[: self.detections_per_image]
+            results.append({"boxes": candidate_boxes[image_keep], "scores": candidate_scores[image_keep],
+                            "labels": labels[image_keep]})
         return results
+
+    @staticmethod
+    def _per_image(keep: torch.Tensor, image: torch.Tensor, num_images: int) -> list[torch.Tensor]:
+        """``keep`` (best first) cut into one part per image, each best first. The counts are read back
+        once for the whole batch; while tracing (an export: a batch of one, no candidates of other images)
+        ``keep`` is the one image's part."""
+        if torch.jit.is_tracing():
+            return [keep]
+        order = image.argsort(stable=True)
+        counts = torch.zeros(num_images + 1, dtype=torch.int64, device=keep.device).index_add_(
+            0, image, torch.ones_like(image))
+        return list(keep[order].split(counts.tolist()))[:num_images]

@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 from backbones import ShapeSpec
 
 from .anchors import AnchorGenerator
-from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, sample_balanced
+from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, sample_balanced, sampled_indices
 
 
 class RPNHead(nn.Module):
@@ -65,40 +65,38 @@ class RPNHead(nn.Module):
         ``index[i]`` (into the anchors of all levels in ``flatten_levels`` order). The same function as
         ``forward`` read at those anchors, but the 3x3 conv is computed only at their locations (as a
         product with the gathered 3x3 patches), so the backward pass costs nothing on the rest of the maps:
-        on a whole map it is the largest convolution backward of an FPN detector's training step."""
+        on a whole map it is the largest convolution backward of an FPN detector's training step.
+
+        Every anchor's patch is gathered from every level and kept (multiplied by one) at its own level only
+        (by zero elsewhere): fixed sizes, no per-level selection the host would wait for."""
         num_anchors = self.objectness.out_channels
-        sizes = torch.tensor([f.shape[-2] * f.shape[-1] * num_anchors for f in features],
-                             pin_memory=index.is_cuda).to(index.device, non_blocking=True)  # copied without a wait
-        ends = sizes.cumsum(0)
-        level = torch.searchsorted(ends, index, right=True)
+        sizes = [f.shape[-2] * f.shape[-1] * num_anchors for f in features]
+        starts = [sum(sizes[:lvl]) for lvl in range(len(sizes))]
+        level = sum((index >= start).long() for start in starts[1:]) if len(starts) > 1 else torch.zeros_like(index)
         conv_weight = self.conv.weight.permute(0, 2, 3, 1).flatten(1)  # (C_out, 3 * 3 * C_in), (ky, kx, c)
         head_weight, head_bias = self._outputs_layer()
-        head_weight = head_weight.flatten(1)
         offsets = torch.arange(-1, 2, device=index.device)  # 3x3 window, padding 1
-        rows, logits, deltas = [], [], []
+        patches = None
         for lvl, feature in enumerate(features):
-            row = torch.where(level == lvl)[0]
             batch, channels, height, width = feature.shape
-            local = index[row] - (ends[lvl] - sizes[lvl])
-            location, anchor = local // num_anchors, local % num_anchors
+            location = (index - starts[lvl]).clamp(0, sizes[lvl] - 1) // num_anchors
             ys = (location // width)[:, None, None] + offsets[None, :, None]  # (S, 3, 1)
             xs = (location % width)[:, None, None] + offsets[None, None, :]  # (S, 1, 3)
-            inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)  # zero padding outside the map
+            # zero padding outside the map, and nothing from the levels the anchor is not on
+            keep = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width) & (level == lvl)[:, None, None]
             # index_select, not advanced indexing: the backward of the latter (index_put_ with accumulate) adds
             # the overlapping patches with unordered atomic float adds across CPU threads, so the gradients (and
             # a whole run) changed with the machine's load; index_select's backward sums in a fixed order
-            pixel = (image[row][:, None, None] * height + ys.clamp(0, height - 1)) * width + xs.clamp(0, width - 1)
+            pixel = (image[:, None, None] * height + ys.clamp(0, height - 1)) * width + xs.clamp(0, width - 1)
             flat = feature.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view if channels-last
-            patches = flat.index_select(0, pixel.reshape(-1)).view(len(row), 3, 3, channels)  # (S, 3, 3, C)
-            patches = patches * inside[..., None].to(patches.dtype)
-            hidden = F.relu(F.linear(patches.flatten(1), conv_weight, self.conv.bias))
-            out = F.linear(hidden, head_weight, head_bias)  # (S, A + A * 4)
-            picked = torch.arange(len(row), device=index.device)
-            rows.append(row)
-            logits.append(out[picked, anchor])
-            deltas.append(out[:, num_anchors:].reshape(-1, num_anchors, 4)[picked, anchor])
-        order = torch.cat(rows).argsort()
-        return torch.cat(logits)[order], torch.cat(deltas)[order]
+            gathered = flat.index_select(0, pixel.reshape(-1)).view(len(index), 3, 3, channels)  # (S, 3, 3, C)
+            gathered = gathered * keep[..., None].to(gathered.dtype)
+            patches = gathered if patches is None else patches + gathered  # exact: one level's patch plus zeros
+        hidden = F.relu(F.linear(patches.flatten(1), conv_weight, self.conv.bias))
+        out = F.linear(hidden, head_weight.flatten(1), head_bias)  # (S, A + A * 4)
+        picked = torch.arange(len(index), device=index.device)
+        anchor = index % num_anchors  # every level's anchors start at a multiple of num_anchors
+        return out[picked, anchor], out[:, num_anchors:].reshape(-1, num_anchors, 4)[picked, anchor]
 
 
 def flatten_levels(logits: list[torch.Tensor], deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,15 +185,16 @@ class RPN(nn.Module):
         features: dict[str, torch.Tensor],
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, torch.Tensor]] | None = None,
-    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """Proposals ``[(K_i, 4)]`` per image (detached) and, when ``targets`` are given, the losses."""
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+        """Proposals ``(boxes (N, P, 4), valid (N, P))`` (detached; see ``select_proposals``) and, when
+        ``targets`` are given, the losses."""
         maps = [features[f] for f in self.in_features]
         anchors = self.anchors(maps)
-        proposals, _ = self.propose(maps, anchors, image_sizes)
+        boxes, _, valid = self.propose(maps, anchors, image_sizes)
         losses: dict[str, torch.Tensor] = {}
         if targets is not None:
             losses = self.losses(maps, anchors, targets)
-        return proposals, losses
+        return (boxes, valid), losses
 
     def anchors(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """The anchors of all levels ``(A_total, 4)``, in ``flatten_levels`` order."""
@@ -205,9 +204,10 @@ class RPN(nn.Module):
 
     @torch.no_grad()  # proposals carry no gradient; the losses recompute the head where they read it
     def propose(self, maps: list[torch.Tensor], anchors: torch.Tensor,
-                image_sizes: list[tuple[int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per image the proposals ``(K, 4)`` and their objectness logits ``(K,)``, best first, from the
-        feature maps of ``in_features`` and their ``anchors`` (``self.anchors(maps)``)."""
+                image_sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Proposals ``(N, P, 4)``, their objectness logits ``(N, P)`` and ``valid`` ``(N, P)``, best first
+        per image (see ``select_proposals``), from the feature maps of ``in_features`` and their ``anchors``
+        (``self.anchors(maps)``)."""
         logits, deltas = self.head(maps)
         per_level = [m.shape[-2] * m.shape[-1] * self.anchor_generator.num_anchors[0] for m in maps]
         logits, deltas = flatten_levels(logits, deltas)  # (N, A_total), (N, A_total, 4)
@@ -216,10 +216,15 @@ class RPN(nn.Module):
 
     def select_proposals(
         self, boxes: torch.Tensor, logits: torch.Tensor, image_sizes: list[tuple[int, int]], per_level: list[int]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Top-k per level (batched over images), then per image: clip, drop tiny and low-scoring boxes,
-        NMS within each level, keep the best ``post_nms_topk``. Returns per image the proposals ``(K, 4)``
-        and their objectness logits ``(K,)``, best first."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k per level, clip, drop tiny and low-scoring boxes, NMS within each image and level, keep the
+        best ``post_nms_topk`` per image: torchvision's and detectron2's rule, at fixed sizes. Returns the
+        proposals ``(N, P, 4)``, their objectness logits ``(N, P)`` and ``valid`` ``(N, P)``, best first per
+        image, ``P = min(post_nms_topk, sum of the per-level k)``; where fewer boxes survive, the rest of the
+        row is filled with boxes that are not ``valid``.
+
+        All images and levels go through one NMS call (the one host round trip of the proposals); the
+        dropped boxes join it in a group of their own, where they touch nothing, and stay not valid."""
         pre_k = self.pre_nms_topk[0 if self.training else 1]
         post_k = self.post_nms_topk[0 if self.training else 1]
         num_images = boxes.shape[0]
@@ -229,25 +234,24 @@ class RPN(nn.Module):
             k = _at_most(count, pre_k)
             _, index = logits[:, offset : offset + count].topk(k, dim=1)  # (N, k)
             top_indices.append(index + offset)
-            top_levels.append(torch.full_like(index[0], level))
+            top_levels.append(torch.full_like(index, level))
             offset += count
         index = torch.cat(top_indices, dim=1)
-        levels = torch.cat(top_levels)
-        batch = torch.arange(num_images, device=boxes.device)[:, None]
-        top_logits = logits[batch, index]  # (N, K)
-        boxes = boxes[batch, index]  # (N, K, 4)
-
-        proposals, proposal_logits = [], []
-        for image_boxes, image_logits, size in zip(boxes, top_logits, image_sizes):
-            image_boxes = clip_boxes(image_boxes, size)
-            image_scores = torch.sigmoid(image_logits)  # NMS ranks by probability, as torchvision does
-            widths, heights = image_boxes[:, 2] - image_boxes[:, 0], image_boxes[:, 3] - image_boxes[:, 1]
-            keep = (widths >= self.min_size) & (heights >= self.min_size) & (widths > 0) & (heights > 0)
-            keep = torch.where(keep & (image_scores >= self.score_thresh))[0]
-            keep = keep[batched_nms(image_boxes[keep], image_scores[keep], levels[keep], self.nms_thresh)[:post_k]]
-            proposals.append(image_boxes[keep])
-            proposal_logits.append(image_logits[keep])
-        return proposals, proposal_logits
+        levels = torch.cat(top_levels, dim=1)  # (N, K)
+        logits = logits.gather(1, index)  # (N, K)
+        boxes = torch.stack([clip_boxes(b, size) for b, size in zip(boxes.gather(1, index[..., None].expand(-1, -1, 4)),
+                                                                     image_sizes)])  # (N, K, 4)
+        scores = torch.sigmoid(logits)  # NMS ranks by probability, as torchvision does
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        valid = (widths >= self.min_size) & (heights >= self.min_size) & (widths > 0) & (heights > 0)
+        valid = valid & (scores >= self.score_thresh)
+        num_levels = len(per_level)
+        image = torch.arange(num_images, device=boxes.device)[:, None]
+        groups = torch.where(valid, image * num_levels + levels, num_images * num_levels)  # dropped: a group apart
+        keep = batched_nms(boxes.flatten(0, 1), scores.flatten(), groups.flatten(), self.nms_thresh)
+        kept = scores.new_zeros(scores.numel()).index_fill(0, keep, 1).view_as(valid).bool() & valid
+        _, order = torch.where(kept, scores, -1.0).topk(_at_most(index.shape[1], post_k), dim=1)  # (N, P), best first
+        return boxes.gather(1, order[..., None].expand(-1, -1, 4)), logits.gather(1, order), kept.gather(1, order)
 
     @torch.no_grad()
     def label_anchors(
@@ -264,7 +268,7 @@ class RPN(nn.Module):
             else:
                 matched_boxes.append(gt[matched])
                 if "iscrowd" in target:
-                    image_labels[target["iscrowd"][matched].bool() & (image_labels != 0)] = -1
+                    image_labels = image_labels.masked_fill(target["iscrowd"][matched].bool() & (image_labels != 0), -1)
             labels.append(image_labels)
         return torch.stack(labels), torch.stack(matched_boxes)
 
@@ -272,16 +276,22 @@ class RPN(nn.Module):
         self, maps: list[torch.Tensor], anchors: torch.Tensor, targets: list[dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
         """Binary cross-entropy on the sampled anchors and the box loss on the positive ones, both over the
-        number sampled. The head's outputs are computed for the sampled anchors alone (``RPNHead.at``)."""
+        number sampled. The head's outputs are computed for the sampled anchors alone (``RPNHead.at``), a
+        fixed ``batch_size_per_image`` of them per image (those not sampled weigh zero)."""
         labels, matched_boxes = self.label_anchors(anchors, targets)
         positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
-        image, index = torch.where(positive | negative)
-        num_sampled = max(len(index), 1)
-        logits, deltas = self.head.at(maps, image, index)
-        is_positive = positive[image, index]
-        target_deltas = self.box_coder.encode(matched_boxes[image, index][is_positive], anchors[index][is_positive])
-        loss_box = box_loss(deltas[is_positive], target_deltas, self.box_loss_type, self.smooth_l1_beta) / num_sampled
+        index, valid = sampled_indices(positive | negative, self.batch_size_per_image)  # (N, S)
+        image = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
+        logits, deltas = self.head.at(maps, image.flatten(), index.flatten())
+        is_positive = positive.gather(1, index).flatten()
+        weight = valid.flatten().to(logits.dtype)
+        num_sampled = weight.sum().clamp(min=1)
+        matched = matched_boxes.gather(1, index[..., None].expand(-1, -1, 4)).flatten(0, 1)
+        target_deltas = self.box_coder.encode(matched, anchors[index.flatten()])
+        target_deltas = torch.where(is_positive[:, None], target_deltas, 0)  # others weigh zero (and may be inf)
+        loss_box = box_loss(deltas, target_deltas, self.box_loss_type, self.smooth_l1_beta,
+                            is_positive.to(deltas.dtype)) / num_sampled
         loss_objectness = F.binary_cross_entropy_with_logits(
-            logits, is_positive.to(logits.dtype), reduction="sum"
+            logits, is_positive.to(logits.dtype), weight=weight, reduction="sum"
         ) / num_sampled
         return {"loss_rpn_objectness": loss_objectness, "loss_rpn_box": loss_box}

@@ -100,6 +100,11 @@ class TrainConfig:
     checkpoint_period: int = 5000
     keep_checkpoints: int = 2
     log_period: int = 20
+    # the finite-loss and stop check reads the device every N iterations, and at every log, checkpoint and
+    # evaluation iteration and the last (1: every micro-batch, before its backward). N > 1: the host waits for
+    # the GPU once in N iterations; a non-finite loss is found up to N - 1 iterations late (always before a
+    # checkpoint) and a stop signal honoured at the next check
+    check_period: int = 1
 
 
 @dataclass
@@ -255,7 +260,7 @@ _CHOICES = {
     "eval.backend": BACKENDS,
 }
 _AT_LEAST = {"train.max_iters": 1, "train.batch_size": 1, "train.grad_accum_steps": 1, "train.log_period": 1,
-             "train.keep_checkpoints": 1, "train.checkpoint_period": 0, "train.eval_period": 0,
+             "train.check_period": 1, "train.keep_checkpoints": 1, "train.checkpoint_period": 0, "train.eval_period": 0,
              "train.reference_batch_size": 1, "data.num_workers": 0, "eval.batch_size": 1,
              "data.min_size_test": 1, "data.max_size_test": 1, "data.max_size_train": 1,
              "data.val_split": 0, "data.pad": 0, "data.crop_size": 0, "train.backbone_lr_mult": 0}

@@ -90,3 +90,15 @@ def test_every_shipped_config_loads_and_builds(path):
 def test_depth_swap_is_one_key():
     config = load_config(CONFIGS[0].parent / "frcnn_r50.yaml", ["model.backbone.depth=152", "model.backbone.weights=null"])
     assert config.model["backbone"]["depth"] == 152
+
+
+def test_train_check_period_defaults_to_1_and_is_at_least_1():
+    from tasks.config import check_config
+    from tasks.registry import get_task
+
+    quickstart = CONFIGS[0].parent / "quickstart.yaml"
+    assert load_config(quickstart).train.check_period == 1
+    assert load_config(quickstart, ["train.check_period=8"]).train.check_period == 8
+    config = load_config(quickstart, ["train.check_period=0", "model.backbone.weights=null"])
+    with pytest.raises(ConfigError, match="train.check_period must be at least 1, got 0"):
+        check_config(config, get_task(config.task))

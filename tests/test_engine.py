@@ -1,28 +1,54 @@
-"""Training engine: a few iterations, checkpoints, exact resume, non-finite losses, 2-process training
-and evaluation, eval of results files against pycocotools' official numbers, bad input."""
+"""Training engine: a few iterations, checkpoints, exact resume, non-finite losses, the check period (its
+host reads, late non-finite losses, stops), 2-process training and evaluation, eval of results files against
+pycocotools' official numbers, bad input."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, free_port
+from safetensors.torch import load_file
 
+from backbones.errors import TrainingInterrupted
 from tasks.config import load_config
-from tasks.engine import NonFiniteLossError, train
+from tasks.engine import NonFiniteLossError, loop, train
 from tasks.registry import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "data" / "coco_eval_reference"
 
 
-def run(shapes, out, *overrides):
+def run(shapes, out, *overrides, task=None):
     config = load_config(ROOT / "configs" / "quickstart.yaml",
                          [*TINY, f"data.root={shapes}", f"output_dir={out}", *overrides])
-    return train(get_task(config.task), config)
+    return train(task or get_task(config.task), config)
+
+
+def with_training_hook(hook):
+    """The detection task, its models passing each training forward's losses with the call's number (from 1)
+    to ``hook``: what it returns, if anything, replaces them."""
+    task, calls = get_task("detection"), [0]
+    build = task.build_model
+
+    def forward_hook(module, args, losses):
+        if module.training:
+            calls[0] += 1
+            return hook(calls[0], losses)
+
+    def build_model(config, init_weights=True):
+        model = build(config, init_weights)
+        model.register_forward_hook(forward_hook)
+        return model
+
+    task.build_model = build_model
+    return task
 
 
 def losses(out):
@@ -58,6 +84,95 @@ def test_non_finite_loss_stops_naming_iteration_and_term(shapes, tmp_path):
         run(shapes, tmp_path / "nan", "train.max_iters=50", "train.base_lr=1e12", "train.warmup_iters=0",
             "train.checkpoint_period=1")
     assert (tmp_path / "nan" / "checkpoints" / "latest").is_file()  # the last good checkpoint is kept
+
+
+NO_PERIODIC_READS = ("train.log_period=100", "train.checkpoint_period=0")  # only the check period's reads
+
+
+@pytest.mark.parametrize("nan_in", ["value", "gradients"])
+def test_a_check_period_finds_a_non_finite_loss_at_the_next_check_before_any_checkpoint(shapes, tmp_path, nan_in):
+    """train.check_period=4, a checkpoint every 3: iteration 6 is checked (it checkpoints) and a loss made
+    non-finite at iteration 7 (its value only, or its gradients too: the optimizer step makes the weights NaN)
+    is found by the check at 8, before the checkpoint of 9: the error names 7 to 8 and the latest checkpoint is
+    iteration 6's, finite."""
+    def nan_at_7(n, losses):
+        if n == 7:
+            key = sorted(k for k in losses if k.startswith("loss"))[0]
+            bad = losses[key] + float("nan") if nan_in == "value" else losses[key] * float("nan")
+            return {**losses, key: bad}
+
+    out = tmp_path / nan_in
+    expected = r"non-finite loss between iterations 7 and 8 \(found by the check at iteration 8, train.check_period=4\): \{'loss_"
+    with pytest.raises(NonFiniteLossError, match=expected) as error:
+        run(shapes, out, *NO_PERIODIC_READS, "train.max_iters=12", "train.check_period=4", "train.checkpoint_period=3",
+            task=with_training_hook(nan_at_7))
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'iter_0000006'};" in str(error.value)
+    if nan_in == "value":  # iteration 8's loss is finite: the term is found in the sums since the last log line
+        assert "(summed since iteration 1)" in str(error.value)
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "iter_0000006"
+    assert sorted(p.name for p in checkpoints.glob("iter_*")) == ["iter_0000003", "iter_0000006"]
+    weights = load_file(checkpoints / "iter_0000006" / "model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("overrides, checked", [
+    (["train.check_period=1"], list(range(1, 11))),
+    (["train.check_period=1", "train.grad_accum_steps=2"], [i for i in range(1, 11) for _ in "ab"]),  # every micro-batch
+    (["train.check_period=4"], [4, 8, 10]),  # and the last iteration
+    (["train.check_period=4", "train.grad_accum_steps=2"], [4, 8, 10]),  # at the last micro-batch only
+    (["train.check_period=4", "train.log_period=3", "train.eval_period=5", "train.checkpoint_period=9"],
+     [3, 4, 5, 6, 8, 9, 10]),  # and wherever a log line, an evaluation or a checkpoint follows
+])
+def test_the_check_reads_the_device_once_in_check_period_iterations(shapes, tmp_path, monkeypatch, overrides, checked):
+    """The flags are read back (``tolist``) once per check, at the iterations the check period and the periodic
+    reads say; the loop's only other reads are its log lines'."""
+    reads, checks = Counter(), []
+    tolist, check = torch.Tensor.tolist, loop._check_finite_and_stop
+
+    def counted_tolist(self):
+        reads[sys._getframe(1).f_code.co_name] += 1
+        return tolist(self)
+
+    def counted_check(run, *args):
+        checks.append(run.progress.iteration + 1)
+        return check(run, *args)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    monkeypatch.setattr(loop, "_check_finite_and_stop", counted_check)
+    run(shapes, tmp_path / "run", *NO_PERIODIC_READS, "train.max_iters=10", *overrides)
+    assert checks == checked
+    assert reads["_check_finite_and_stop"] == len(checked)
+    assert reads["_log"] == len(losses(tmp_path / "run")) and not {"_step", "_periodic", "train"} & set(reads)
+
+
+def test_a_stop_signal_with_a_check_period_stops_at_the_next_check_and_resumes_exactly(shapes, tmp_path, monkeypatch):
+    """SIGTERM during iteration 6 with train.check_period=4 (and a log line every 5): the run stops at the next
+    check, iteration 8, with its checkpoint; resumed, it ends with the weights and metrics of an uninterrupted run."""
+    stops = []
+
+    class RecordedStopSignals(loop.StopSignals):
+        def __enter__(self):
+            stops.append(self)
+            return super().__enter__()
+
+    def sigterm_at_6(n, losses):
+        if n == 6:
+            stops[-1]._handle(signal.SIGTERM, None)  # what the signal handler does, whatever thread runs the test
+
+    monkeypatch.setattr(loop, "StopSignals", RecordedStopSignals)
+    common = ("train.max_iters=10", "train.check_period=4", "train.log_period=5", "train.checkpoint_period=0")
+    reference = run(shapes, tmp_path / "reference", *common)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at iteration 8 \(SIGTERM\)") as stopped:
+        run(shapes, tmp_path / "stopped", *common, task=with_training_hook(sigterm_at_6))
+    assert stopped.value.iteration == 8
+    assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text() == "iter_0000008"
+    resumed = run(shapes, tmp_path / "stopped", *common)
+    assert resumed.iterations == 10 and resumed.metrics == pytest.approx(reference.metrics, abs=1e-6)
+    got, expected = (load_file(tmp_path / name / "model.safetensors") for name in ("stopped", "reference"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def launch(*args, timeout=600):

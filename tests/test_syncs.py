@@ -49,7 +49,8 @@ def test_each_kind_of_host_sync_is_counted_once():
 def test_batched_nms_follows_cudas_rule_on_the_cpu(num_boxes, cuda_kinds):
     """torchvision's batched_nms loops over the classes (unique, a nonzero and an NMS each, a last nonzero)
     above 4 000 box numbers on the CPU, above 20 000 on CUDA (below: one NMS, after a copy of its
-    ``torch.tensor(1)``); the counter takes CUDA's choice. Ours keeps torchvision's result without the copy."""
+    ``torch.tensor(1)``); the counter takes CUDA's choice. Ours is one NMS on CUDA however many boxes, with
+    torchvision's result."""
     generator = torch.Generator().manual_seed(0)
     xy = torch.rand(num_boxes, 2, generator=generator) * 500
     boxes = torch.cat([xy, xy + 20], dim=1)
@@ -58,9 +59,25 @@ def test_batched_nms_follows_cudas_rule_on_the_cpu(num_boxes, cuda_kinds):
         "unique": 1, "nonzero": 4, "nms": 3}  # the CPU's path, outside cuda_code_paths
     with cuda_code_paths(torch.nn.Module()):
         assert counted(lambda: torchvision.ops.batched_nms(boxes, scores, classes, 0.5)) == cuda_kinds
-        ours = {k: v for k, v in cuda_kinds.items() if k != "blocking host-to-device copy"}
-        assert counted(lambda: batched_nms(boxes, scores, classes, 0.5)) == ours
-    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), torchvision.ops.batched_nms(boxes, scores, classes, 0.5))
+        assert counted(lambda: batched_nms(boxes, scores, classes, 0.5)) == {"nms": 1}
+        one_call = batched_nms(boxes, scores, classes, 0.5)
+    expected = torchvision.ops.batched_nms(boxes, scores, classes, 0.5)
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), expected) and torch.equal(one_call, expected)
+
+
+def test_batched_nms_keeps_groups_apart_at_float32_precision():
+    """One NMS over a thousand groups of boxes that span a 1000-px image: shifted by their groups' offsets in
+    float32 the coordinates would round by 1/16 px and a pair at IoU 0.4995 would be suppressed or not by
+    chance (here 1387 and 1259 boxes stay instead of 2001 and 1001); shifted in float64 each group decides
+    on its own boxes."""
+    pair = torch.tensor([[1000.0, 1000.0, 1010.0, 1010.0], [1000.0, 1000.0, 1010.0, 1020.02]])  # IoU 100 / 200.2
+    boxes = torch.cat([pair.repeat(1000, 1), torch.tensor([[0.0, 0.0, 1.0, 1.0]])])  # one more group, far away
+    scores = torch.cat([torch.tensor([0.9, 0.8]).repeat(1000), torch.tensor([0.5])])
+    groups = torch.arange(1001).repeat_interleave(2)[:2001]
+    with cuda_code_paths(torch.nn.Module()):
+        assert len(batched_nms(boxes, scores, groups, 0.4996)) == 2001  # IoU below the threshold: all stay
+        keep = batched_nms(boxes, scores, groups, 0.4994)
+    assert len(keep) == 1001 and (keep % 2 == 0).all()  # above it: every partner goes
 
 
 def _detector_counts(layout: str):
@@ -79,7 +96,7 @@ def _detector_counts(layout: str):
 
 
 # (training step, inference call) host-blocking points of a batch of two images
-OURS = {"fpn": (23, 14), "c4": (15, 10), "dc5": (15, 10)}
+OURS = {"fpn": (1, 3), "c4": (1, 3), "dc5": (1, 3)}
 
 
 @pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])

@@ -17,9 +17,9 @@ gives the figures a GPU run has:
   from them), a tensor made from Python data directly on the device (``torch.tensor(..., device=...)``),
   and ``.tolist()``/``.numpy()``/``.cpu()`` of a tensor computed on the device;
 - CUDA's code paths are taken on the CPU too: RoIAlign through torchvision's kernel (the sparse CPU
-  kernel is a CPU choice), and ``batched_nms`` (torchvision's and ``heads.boxes``') choosing between a
-  loop over the groups and one NMS of all by CUDA's rule (more than 20 000 box numbers), not the CPU's
-  (4 000).
+  kernel is a CPU choice), and ``batched_nms`` choosing between a loop over the groups and one NMS of all
+  by CUDA's rule, not the CPU's: torchvision's loops above 20 000 box numbers there (4 000 on the CPU),
+  ``heads.boxes``' never does on CUDA.
 
 ``count_detector_syncs`` counts one training step (forward, losses, backward; the optimizer step has none)
 and one inference call of our detector and of torchvision's, each after one uncounted call, fed as their
@@ -183,8 +183,8 @@ class _HostDeviceCopies(TorchFunctionMode):
 
 
 def _cuda_loops_over_groups(boxes: torch.Tensor) -> bool:
-    """``heads.boxes.loops_over_groups`` by CUDA's rule."""
-    return boxes.numel() > CUDA_COORDINATE_TRICK_LIMIT
+    """``heads.boxes.loops_over_groups`` on CUDA: never (one NMS call for all groups)."""
+    return False
 
 
 def _cuda_batched_nms(boxes, scores, idxs, iou_threshold):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,7 +74,7 @@ class FasterRCNN(nn.Module):
             # non_blocking: from the DataLoader's pinned memory the copies are queued, the host does not wait
             targets = [{k: v.to(batch.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-            proposals, rpn_losses = self.rpn(features, sizes, targets)
+            proposals, rpn_losses = self.rpn(features, sizes, targets)  # proposals: (boxes, valid)
             _, roi_losses = self.roi_heads(features, proposals, sizes, targets)
             return {**rpn_losses, **roi_losses}
         proposals, _ = self.rpn(features, sizes)
@@ -86,10 +87,13 @@ class FasterRCNN(nn.Module):
 
 def rescale_boxes(boxes: torch.Tensor, size: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
     """Boxes ``(D, 4)`` found in an image of ``size`` (h, w), in the pixels of the ``original`` (h, w) it
-    was resized from."""
-    ratio_h, ratio_w = (torch.tensor(o, dtype=torch.float32) / torch.tensor(s, dtype=torch.float32)
-                        for o, s in zip(original, size))
-    return boxes * torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes.device)
+    was resized from. The ratios are float32 (torchvision's), computed on the host: nothing is copied to the
+    device."""
+    ratio_h, ratio_w = (float(np.float32(o) / np.float32(s)) for o, s in zip(original, size))
+    scaled = boxes.clone()
+    scaled[:, 0::2] *= ratio_w
+    scaled[:, 1::2] *= ratio_h
+    return scaled
 
 
 # Defaults per layout, merged under what a config gives. Values follow torchvision's and detectron2's
@@ -144,6 +148,9 @@ DEFAULTS: dict[str, Any] = {
         "box_loss_type": "smooth_l1",
         "smooth_l1_beta": 1.0 / 9,
         "min_size": 1e-2,  # detections with a smaller side are dropped (torchvision); 0 keeps all (detectron2)
+        # the best this many (proposal, class) boxes per image go to NMS, a fixed size (no host round trip);
+        # 0: all that pass score_thresh and min_size (the exact rule of torchvision and detectron2)
+        "topk_candidates": 1000,
     },
 }
 

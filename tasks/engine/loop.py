@@ -10,6 +10,15 @@ error, is only averaged and logged), datasets, and an ``evaluate`` function.
 ``_step`` (one optimizer step over ``grad_accum_steps`` micro-batches) and ``_periodic`` (log, stop,
 checkpoint, evaluate: every action taken at an iteration boundary), then ``_finish`` (final weights,
 evaluation, pictures).
+
+Of its own (the model has others), the loop makes the host wait for the device at two reads: the log line
+(the window's losses, every ``log_period``) and the finite-loss and stop check (``_check_finite_and_stop``).
+By default (``train.check_period: 1``) the check reads every micro-batch, before its backward; with
+``check_period: N`` the non-finite micro-batches are counted on the device and read back (and all-reduced)
+once in N iterations, at the last micro-batch of the iteration, and at every iteration that logs,
+checkpoints or evaluates and at the last (``_check_due``): a non-finite loss is found up to N - 1
+iterations late, named with the iterations since the check before, and never after a checkpoint (no
+checkpoint holds weights it reached); a stop signal is honoured at the next check.
 """
 
 from __future__ import annotations
@@ -86,6 +95,15 @@ class _Window:
 
 
 @dataclass
+class _Checks:
+    """The finite-loss and stop check's state: the micro-batches whose loss was non-finite since the last read-back,
+    counted on the device, and the first iteration not read back yet."""
+
+    since: int = 1
+    non_finite: torch.Tensor | float = 0.0
+
+
+@dataclass
 class _Run:
     """What the steps of one training run share."""
 
@@ -101,6 +119,7 @@ class _Run:
     batches: Iterator[tuple[list, list]]
     seen_images: list[int] = field(default_factory=list)  # the first image ids of this process (world.json)
     window: _Window = field(default_factory=_Window)
+    checks: _Checks = field(default_factory=_Checks)
 
     @property
     def output_dir(self) -> Path:
@@ -111,8 +130,8 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
     """Train ``task`` as ``config`` says; see the module docstring. Returns the final metrics.
 
     SIGTERM or SIGINT (a cluster preempting the job, Ctrl-C) stops every process at the same iteration
-    boundary, writes a checkpoint there and raises ``TrainingInterrupted``; ``resume=auto`` continues
-    exactly where it stopped."""
+    boundary (that of the next check: within ``train.check_period`` iterations), writes a checkpoint there and
+    raises ``TrainingInterrupted``; ``resume=auto`` continues exactly where it stopped."""
     config = check_config(config, task)  # the model's defaults resolved: config.yaml rebuilds this very model
     checkpoints = CheckpointDir(Path(config.output_dir), config.train.keep_checkpoints)
     resume_from = _resume_point(config, checkpoints)
@@ -186,7 +205,8 @@ def _setup(task: Task, config: Config, accelerator: Accelerator, checkpoints: Ch
     if accelerator.is_main_process:
         accelerator.init_trackers("tensorboard")
     model.train()
-    return _Run(task, config, accelerator, model, optimizer, scheduler, progress, checkpoints, val_set, iter(batches))
+    return _Run(task, config, accelerator, model, optimizer, scheduler, progress, checkpoints, val_set, iter(batches),
+                checks=_Checks(since=progress.iteration + 1))
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, num_processes: int) -> torch.optim.Optimizer:
@@ -224,17 +244,22 @@ def _loader(task: Task, train_set: Dataset, config: Config, accelerator: Acceler
 
 def _step(run: _Run, stop: StopSignals) -> bool:
     """One optimizer step over ``grad_accum_steps`` micro-batches; returns whether any process was asked to
-    stop (every process stops after the same iteration)."""
+    stop (every process stops after the same iteration). Each micro-batch's non-finite flag is counted on the
+    device; in an iteration where ``_check_due``, the counts are read back before the backward of every
+    micro-batch (``check_period`` 1) or of the last one."""
     cfg, accelerator, model = run.config.train, run.accelerator, run.model
+    due = _check_due(cfg, run.progress.iteration + 1)
     stop_agreed = False
-    for _ in range(cfg.grad_accum_steps):
+    for micro in range(cfg.grad_accum_steps):
         images, targets = run.task.loss_inputs(next(run.batches))
         if len(run.seen_images) < 64:
             run.seen_images.extend(t.get("image_id", -1) for t in targets)
         with accelerator.accumulate(model):
             losses = model(images, targets)  # "loss*" terms are optimized; other entries are only logged
             loss = sum(v for k, v in losses.items() if k.startswith("loss"))
-            stop_agreed = _check_finite_and_stop(run, losses, loss, stop) or stop_agreed
+            run.checks.non_finite = run.checks.non_finite + (~torch.isfinite(loss.detach())).float()
+            if due and (cfg.check_period == 1 or micro == cfg.grad_accum_steps - 1):
+                stop_agreed = _check_finite_and_stop(run, losses, stop) or stop_agreed
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.clip_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
@@ -246,28 +271,53 @@ def _step(run: _Run, stop: StopSignals) -> bool:
     return stop_agreed
 
 
-def _check_finite_and_stop(run: _Run, losses: dict[str, torch.Tensor], loss: torch.Tensor, stop: StopSignals) -> bool:
-    """One read-back per micro-batch: is the loss finite on every process (else ``NonFiniteLossError``), and
-    did any process get a stop signal (returned)."""
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                         torch.tensor(float(stop.requested), device=loss.device)])
+def _check_due(cfg: TrainConfig, iteration: int) -> bool:
+    """Whether ``iteration`` (counted from 1, as logged and checkpointed) reads the check's flags back: every
+    ``check_period``-th, the last, and every one that logs, checkpoints or evaluates (``_periodic``), so no
+    checkpoint or evaluation ever sees weights that an unchecked non-finite loss reached."""
+    periods = (cfg.check_period, cfg.log_period, cfg.checkpoint_period, cfg.eval_period)
+    return iteration == cfg.max_iters or any(p and iteration % p == 0 for p in periods)
+
+
+def _check_finite_and_stop(run: _Run, losses: dict[str, torch.Tensor], stop: StopSignals) -> bool:
+    """One read-back of the flags counted since the last check: was the loss finite on every process at every
+    micro-batch (else ``NonFiniteLossError``), and did any process get a stop signal (returned)."""
+    checks, iteration = run.checks, run.progress.iteration + 1
+    flags = torch.stack([checks.non_finite, torch.tensor(float(stop.requested), device=checks.non_finite.device)])
     if run.accelerator.num_processes > 1:
         flags = run.accelerator.reduce(flags, reduction="sum")
     non_finite, stop_flag = flags.tolist()
     if non_finite:
-        bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v.detach())}
-        latest = run.checkpoints.latest()
-        raise NonFiniteLossError(
-            f"non-finite loss at iteration {run.progress.iteration}: {bad}; stopping. The last good checkpoint is "
-            f"{latest or 'none (no checkpoint written yet)'}; lower train.base_lr or raise "
-            f"train.warmup_iters and resume"
-        )
+        raise _non_finite_error(run, losses)
+    checks.non_finite, checks.since = 0.0, iteration + 1
     return stop_flag > 0
+
+
+def _non_finite_error(run: _Run, losses: dict[str, torch.Tensor]) -> NonFiniteLossError:
+    """The error naming the iterations since the last check, the non-finite terms this process saw (this
+    micro-batch's, else the window's sums, which the checks before found finite) and the last good checkpoint."""
+    iteration = run.progress.iteration + 1
+    first = min(run.checks.since, iteration)
+    where = (f"at iteration {iteration}" if first == iteration else
+             f"between iterations {first} and {iteration} (found by the check at iteration {iteration}, "
+             f"train.check_period={run.config.train.check_period})")
+    terms = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v.detach())}
+    found = str(terms)
+    if not terms:  # an earlier micro-batch's loss: its terms are in the window's sums
+        sums = {k: float(v) for k, v in run.window.sums.items() if not torch.isfinite(v)}
+        found = f"{sums} (summed since iteration {iteration - run.window.iterations})" if sums else "on another process"
+    latest = run.checkpoints.latest()
+    return NonFiniteLossError(
+        f"non-finite loss {where}: {found}; stopping. The last good checkpoint is "
+        f"{latest or 'none (no checkpoint written yet)'}; lower train.base_lr or raise "
+        f"train.warmup_iters and resume"
+    )
 
 
 def _periodic(run: _Run, bar: tqdm, stop: StopSignals | None) -> None:
     """Everything done at an iteration boundary: the log line, the stop every process agreed on
-    (``stop``: a checkpoint, then ``TrainingInterrupted``), the periodic checkpoint and evaluation."""
+    (``stop``: a checkpoint, then ``TrainingInterrupted``), the periodic checkpoint and evaluation. Each of these
+    iterations was checked (``_check_due``) in its ``_step``."""
     cfg, iteration = run.config.train, run.progress.iteration
     last = iteration == cfg.max_iters
     if iteration % cfg.log_period == 0 or last:

@@ -12,8 +12,9 @@ logger = logging.getLogger(__name__)
 
 class StopSignals:
     """While active, SIGTERM and SIGINT only set ``requested`` (the signal number): the training loop
-    finishes its iteration, checkpoints and stops. A second SIGINT (Ctrl-C twice) stops at once. Outside
-    the main thread (where Python cannot install handlers) it does nothing."""
+    finishes its iteration (with ``train.check_period`` N > 1: the iteration of its next check, within N),
+    checkpoints and stops. A second SIGINT (Ctrl-C twice) stops at once. Outside the main thread (where
+    Python cannot install handlers) it does nothing."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -25,7 +26,8 @@ class StopSignals:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signum
-        logger.warning("%s received: stopping after this iteration, with a checkpoint", signal.Signals(signum).name)
+        logger.warning("%s received: stopping after this iteration (train.check_period N > 1: within N), with a "
+                       "checkpoint", signal.Signals(signum).name)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
