@@ -146,8 +146,10 @@ def sample_balanced(labels: torch.Tensor, batch_size: int, positive_fraction: fl
 def loops_over_groups(boxes: torch.Tensor) -> bool:
     """The CPU's choice in ``batched_nms``: above 4 000 box numbers one NMS per group is faster there (NMS
     compares each kept box with every later one, of any group), as torchvision's ``batched_nms`` decides;
-    never while tracing, and never on CUDA, where each NMS call is a host round trip."""
-    return boxes.device.type == "cpu" and boxes.numel() > 4000 and not torchvision._is_tracing()
+    never while tracing or compiling (one call is one graph), and never on CUDA, where each NMS call is a
+    host round trip."""
+    return (boxes.device.type == "cpu" and boxes.numel() > 4000 and not torchvision._is_tracing()
+            and not torch.compiler.is_compiling())
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""``torch.compile`` of a task model: the dynamo settings under which a whole detector is one graph.
+
+A detector has two kinds of operation whose results only the data decides: NMS, whose output length is the
+number of boxes kept, and the one read of the per-image detection counts that cuts a batch's detections into
+per-image tensors. With dynamo's defaults each of them ends a graph (and the code after it starts another);
+``capture_dynamic_output_shape_ops`` traces the first (its length becomes a symbol of the graph) and
+``capture_scalar_outputs`` the second, so that the whole detector, training step or inference call, is one
+graph: ``tests/test_compile.py`` holds the graph and break counts of every layout. Everything else in the
+heads has sizes known before the data (fixed-size selections), which is what makes this possible.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import contextlib
+
+import torch
+import torch._dynamo
+from torch import nn
+
+# what ``compile_model`` sets (for the whole process: dynamo reads them when a call first compiles)
+DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+
+
+def use_compile_settings() -> None:
+    """Set ``DYNAMO_SETTINGS`` in dynamo's config (process-wide: compilation happens at a compiled model's
+    first call, not when ``torch.compile`` wraps it)."""
+    for key, value in DYNAMO_SETTINGS.items():
+        setattr(torch._dynamo.config, key, value)
+
+
+@contextlib.contextmanager
+def compile_settings() -> Iterator[None]:
+    """``DYNAMO_SETTINGS`` for the duration of a block (``torch._dynamo.explain`` in tests, a benchmark)."""
+    with torch._dynamo.config.patch(**DYNAMO_SETTINGS):
+        yield
+
+
+def compile_model(model: nn.Module, **options) -> nn.Module:
+    """``torch.compile(model, **options)`` under ``DYNAMO_SETTINGS``; the module's parameters and state dict are
+    the model's own (``_orig_mod``)."""
+    use_compile_settings()
+    return torch.compile(model, **options)
