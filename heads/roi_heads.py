@@ -32,7 +32,7 @@ class RoIPooler(nn.Module):
 
     ``impl``: ``torchvision`` (``torchvision.ops.roi_align``), ``sparse`` (the same RoIAlign as a sparse
     matrix product, much faster on the CPU, see ``heads/roi_align.py``) or ``auto`` (sparse for CPU
-    tensors with a fixed ``sampling_ratio``, torchvision's kernel otherwise).
+    tensors with a fixed ``sampling_ratio``, torchvision's kernel otherwise and under ``torch.compile``).
     """
 
     def __init__(
@@ -65,7 +65,11 @@ class RoIPooler(nn.Module):
         return (level.clamp(self.min_level, self.max_level) - self.min_level).to(torch.int64)
 
     def _sparse(self, feature: torch.Tensor) -> bool:
-        return self.impl == "sparse" or (self.impl == "auto" and feature.device.type == "cpu" and self.sampling_ratio > 0)
+        """Whether the sparse kernel pools ``feature``: asked for, or ``auto`` on the CPU with a fixed sampling
+        ratio, except while ``torch.compile`` traces the model (dynamo takes no sparse tensors)."""
+        if self.impl == "auto":
+            return feature.device.type == "cpu" and self.sampling_ratio > 0 and not torch.compiler.is_compiling()
+        return self.impl == "sparse"
 
     def _align(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
         align = sparse_roi_align if self._sparse(feature) else roi_align

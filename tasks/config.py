@@ -105,6 +105,9 @@ class TrainConfig:
     # the GPU once in N iterations; a non-finite loss is found up to N - 1 iterations late (always before a
     # checkpoint) and a stop signal honoured at the next check
     check_period: int = 1
+    # torch.compile the model for training (tasks/modeling/compiling.py: the dynamo settings under which a
+    # detector is one graph); the first iterations compile, the weights and checkpoints stay the model's own
+    compile: bool = False
 
 
 @dataclass

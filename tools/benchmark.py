@@ -1,7 +1,7 @@
 """Speed and memory of a config's model, optionally side by side with torchvision's equivalent detector.
 
     python tools/benchmark.py CONFIG --mode data [--synthetic-coco-train [IMAGES]]
-    python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision|onnxruntime [--weights FILE.onnx]]
+    python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision|onnxruntime|compiled [--weights FILE.onnx]]
         [--device cpu|cuda] [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
         [--output FILE.json] [--cpu-allocator default|retain] [key=value ...]
     python tools/benchmark.py --mode eval [--images 5000] [--per-image 100] [--output FILE.json]
@@ -22,7 +22,9 @@ in the same process on the same inputs, alternating iteration by iteration, and 
 ``memory_ratio`` (ours / theirs) are reported; torchvision's side is assembled to the config's layout (FPN,
 C4 or DC5), depth and settings (``torchvision_detector``). ``--compare onnxruntime`` (infer) runs our model
 exported to ONNX in this run (``--weights FILE.onnx``: that file instead) on ONNX Runtime, ``time_ratio`` =
-ours / ONNX Runtime. Pretrained weights are not loaded: both models
+ours / ONNX Runtime. ``--compare compiled`` runs the same model and weights through ``torch.compile``
+(``tasks/modeling/compiling.py``; inference with inductor's ``freezing``): ``time_ratio`` = eager / compiled,
+and the graphs and breaks dynamo made (compilation happens in the warm-up). Pretrained weights are not loaded: both models
 start from random weights. ``--cpu-allocator retain`` makes glibc keep freed memory
 for reuse, which takes page-fault time (and its dependence on the other model) out of CPU figures.
 
@@ -78,6 +80,7 @@ from tasks.deploy import onnx_runner
 from tasks.detection.model import resolve_detector_config
 from tasks.engine import TrainingStream
 from tasks.evaluation.coco import coco_evaluate
+from tasks.modeling.compiling import compile_model
 from tasks.registry import get_task, prepare_config
 from tools.gpu_suite import gpu_suite
 from tools.syncs import count_model_syncs, torchvision_inputs
@@ -224,13 +227,14 @@ class Runner:
 
     def summary(self, batch_size: int, height: int, width: int) -> dict:
         median = statistics.median(self.times)
-        params = sum(p.numel() for p in self.model.parameters())
-        self.model.eval()
+        model = getattr(self.model, "_orig_mod", self.model)  # a compiled model's FLOPs counted on its own eagerly
+        params = sum(p.numel() for p in model.parameters())
+        model.eval()
         images = [torch.zeros(3, height, width, dtype=torch.uint8)]
         images, _ = self.inputs(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
         # the sparse RoIAlign would be counted as a dense product
-        with torchvision_roi_align(self.model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self.model(images)
+        with torchvision_roi_align(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(images)
         result = {
             "seconds_per_iteration": median,
             "images_per_second": batch_size / median,
@@ -273,6 +277,11 @@ def benchmark_models(args, config) -> dict:
             raise UserError("--compare torchvision is implemented for detection configs")
         runners.append(Runner("torchvision", torchvision_detector(config, height, width), args.mode, device, autocast_dtype,
                               True))
+    if args.compare == "compiled":  # the same model and weights through torch.compile (inference: with freezing)
+        twin = task.build_model(config, init_weights=False)
+        twin.load_state_dict(runners[0].model.state_dict())
+        options = {"freezing": True} if args.mode == "infer" else None  # freezing: weights folded as constants
+        runners.append(Runner("compiled", compile_model(twin, options=options), args.mode, device, autocast_dtype, False))
     if args.compare == "onnxruntime":  # the same model exported (or --weights FILE.onnx), run on ONNX Runtime
         runners.append(Runner("onnxruntime", onnx_runner(runners[0].model, config, args.mode, args.weights),
                               args.mode, device, None, False))
@@ -286,6 +295,10 @@ def benchmark_models(args, config) -> dict:
             runner.timed_step(images, targets)
             rss[runner.name] = peak_rss_bytes()
     results = {r.name: r.summary(args.batch_size, height, width) for r in runners}
+    if args.compare == "compiled":  # graphs dynamo made (a recompile makes one more), breaks in them
+        stats = torch._dynamo.utils.counters
+        results["compiled"]["graphs"] = stats["stats"]["unique_graphs"]
+        results["compiled"]["graph_breaks"] = sum(stats["graph_break"].values())
     if device.type == "cpu":
         # process RSS only grows: the peak seen after each model's first timed step is attributed to it
         results["ours"]["peak_rss_bytes"] = rss.get("ours")
@@ -510,7 +523,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--synthetic-coco-train", type=int, nargs="?", const=118287, default=0, metavar="IMAGES",
                         help="data: build the training dataset from a generated COCO-train2017-sized annotation file "
                              "(118,287 images unless given) instead of the config's; build time and memory only")
-    parser.add_argument("--compare", choices=["torchvision", "onnxruntime"])
+    parser.add_argument("--compare", choices=["torchvision", "onnxruntime", "compiled"])
     parser.add_argument("--weights", help="--compare onnxruntime: the exported .onnx file to run (default: ours, "
                                           "exported in this run)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda where there is one; --suite gpu: cuda)")

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from backbones.errors import TrainingInterrupted, UserError, UserFileNotFoundError
 from tasks.config import Config, TrainConfig, check_config, to_yaml
 from tasks.data.images import worker_leaves_stops_to_its_process
+from tasks.modeling.compiling import compile_model
 
 from .checkpoints import CheckpointDir, write_json
 from .protocol import Task
@@ -194,6 +195,8 @@ def _setup(task: Task, config: Config, accelerator: Accelerator, checkpoints: Ch
     optimizer = _optimizer(model, config.train, accelerator.num_processes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if config.train.compile:  # after prepare (compile(DDP(model)), as accelerate orders it); checkpoints hold the model
+        model = compile_model(model)
     progress = _Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
     if resume_from is not None:
@@ -367,7 +370,7 @@ def _evaluate(run: _Run) -> dict[str, float]:
     """The task's evaluation of the validation set, logged as ``val/...`` at this iteration."""
     accelerator, model = run.accelerator, run.model
     model.eval()
-    metrics = run.task.evaluate(accelerator.unwrap_model(model), run.val_set, accelerator, run.output_dir, run.config)
+    metrics = run.task.evaluate(_plain(run), run.val_set, accelerator, run.output_dir, run.config)
     model.train()
     if accelerator.is_main_process:
         with open(run.output_dir / "metrics.jsonl", "a") as f:
@@ -377,6 +380,12 @@ def _evaluate(run: _Run) -> dict[str, float]:
     return metrics
 
 
+def _plain(run: _Run) -> nn.Module:
+    """The model itself: without the DDP wrapper and without ``torch.compile``'s (its state dict's names are the
+    model's own; evaluation runs it eagerly)."""
+    return run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
+
+
 def _finish(run: _Run) -> TrainResult:
     """The final weights (``model.safetensors``), evaluation (``metrics.json``) and pictures; then the
     process group is closed."""
@@ -384,12 +393,12 @@ def _finish(run: _Run) -> TrainResult:
     world = {"world_size": accelerator.num_processes, "images_per_rank": gather_object([run.seen_images[:64]])}
     if accelerator.is_main_process:
         write_json(output_dir / "world.json", world)
-        save_file({k: v.contiguous() for k, v in accelerator.unwrap_model(run.model).state_dict().items()},
+        save_file({k: v.contiguous() for k, v in _plain(run).state_dict().items()},
                   str(output_dir / "model.safetensors"))
     metrics = _evaluate(run)
     if accelerator.is_main_process:
         write_json(output_dir / "metrics.json", {"iteration": iteration, **metrics})
-        run.task.visualize(accelerator.unwrap_model(run.model), run.val_set, output_dir / "visualizations", run.config)
+        run.task.visualize(_plain(run), run.val_set, output_dir / "visualizations", run.config)
     accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
     accelerator.end_training()
     return TrainResult(output_dir, metrics, iteration)

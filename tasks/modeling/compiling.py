@@ -11,9 +11,8 @@ heads has sizes known before the data (fixed-size selections), which is what mak
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import contextlib
+from typing import Iterator
 
 import torch
 import torch._dynamo
@@ -38,7 +37,8 @@ def compile_settings() -> Iterator[None]:
 
 
 def compile_model(model: nn.Module, **options) -> nn.Module:
-    """``torch.compile(model, **options)`` under ``DYNAMO_SETTINGS``; the module's parameters and state dict are
-    the model's own (``_orig_mod``)."""
+    """``torch.compile(model, **options)`` under ``DYNAMO_SETTINGS``. The result's parameters are the model's;
+    its state dict's keys have the prefix ``_orig_mod.``: save ``model`` itself (or accelerate's
+    ``unwrap_model(..., keep_torch_compile=False)``)."""
     use_compile_settings()
     return torch.compile(model, **options)

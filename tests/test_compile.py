@@ -1,0 +1,91 @@
+"""torch.compile: graphs and graph breaks of every task model, counted exactly by dynamo (``explain`` traces
+without compiling: seconds), under the settings ``train.compile`` uses and under dynamo's defaults."""
+
+import pytest
+import torch
+import torch._dynamo
+from test_detection_model import tiny_detector
+
+from heads import torchvision_roi_align
+from tasks.classification.model import build_classifier
+from tasks.modeling.compiling import compile_settings
+from tasks.segmentation.model import build_segmenter
+
+BACKBONE = {"name": "resnet", "depth": 18, "norm": "BN", "freeze_at": 0}
+
+
+def explained(function, *args):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(function)(*args)
+
+
+def _images(count=2, size=(128, 160)):
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=generator) for _ in range(count)]
+
+
+def _targets(count=2):
+    return [{"boxes": torch.tensor([[10.0, 10, 60, 70], [80, 40, 150, 120]]), "labels": torch.tensor([1, 2])},
+            {"boxes": torch.tensor([[5.0, 20, 90, 100]]), "labels": torch.tensor([3])}][:count]
+
+
+def _detector_graphs(layout: str) -> dict[str, tuple[int, int]]:
+    torch.manual_seed(0)
+    model = tiny_detector(layout)
+    counts = {}
+    with torchvision_roi_align(model):  # the kernel CUDA takes (the sparse CPU one pools level by level)
+        model.eval()
+        with torch.no_grad():
+            result = explained(model, _images())
+        counts["infer"] = (result.graph_count, result.graph_break_count)
+        model.train()
+        result = explained(lambda images, targets: sum(model(images, targets).values()), _images(), _targets())
+        counts["train"] = (result.graph_count, result.graph_break_count)
+    return counts
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
+def test_whole_detector_is_one_graph_under_the_compile_settings(layout):
+    """Fixed-size selections everywhere; NMS's output length and the per-image counts traced as symbols:
+    the training step (forward and losses) and the inference call are each one graph, no break."""
+    with compile_settings():
+        assert _detector_graphs(layout) == {"infer": (1, 0), "train": (1, 0)}
+
+
+def test_detector_breaks_with_dynamos_defaults_where_the_data_decides_a_size():
+    """Without the settings, dynamo ends a graph at each NMS (output length) and at the count read: the
+    breaks are those, and only those."""
+    torch.manual_seed(0)
+    model = tiny_detector("c4")
+    with torchvision_roi_align(model), torch.no_grad():
+        result = explained(model.eval(), _images())
+    reasons = {("nms" if "nms" in r.reason else "scalar" if "_local_scalar_dense" in r.reason else r.reason)
+               for r in result.break_reasons}
+    assert reasons == {"nms", "scalar"} and result.graph_break_count > 0
+
+
+def test_backbone_and_fpn_compile_with_fullgraph():
+    model = tiny_detector("fpn").eval()
+    batch, _ = model.preprocess(_images())
+    result = explained(model.backbone, batch)
+    assert (result.graph_count, result.graph_break_count) == (1, 0)
+    compiled = torch.compile(model.backbone, fullgraph=True, backend="eager")  # raises at a break
+    with torch.no_grad():
+        expected, got = model.backbone(batch), compiled(batch)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_segmenter_and_classifier_are_one_graph():
+    torch.manual_seed(0)
+    segmenter = build_segmenter({"layout": "fcn8s", "num_classes": 3, "backbone": BACKBONE}, init_weights=False)
+    masks = [{"mask": torch.randint(0, 3, (128, 160))} for _ in range(2)]
+    classifier = build_classifier({"num_classes": 5, "backbone": BACKBONE}, init_weights=False)
+    labels = [{"label": torch.tensor(1)}, {"label": torch.tensor(4)}]
+    with compile_settings():
+        for model, targets in ((segmenter, masks), (classifier, labels)):
+            with torch.no_grad():
+                result = explained(model.eval(), _images())
+            assert (result.graph_count, result.graph_break_count) == (1, 0), type(model).__name__
+            model.train()
+            result = explained(lambda images, targets, m=model: sum(m(images, targets).values()), _images(), targets)
+            assert (result.graph_count, result.graph_break_count) == (1, 0), type(model).__name__
