@@ -58,22 +58,28 @@ class AnchorGenerator(nn.Module):
 
     def forward(self, feature_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int]) -> list[torch.Tensor]:
         """One ``(H_l * W_l * A_l, 4)`` tensor per level for feature maps of ``feature_sizes`` computed from
-        a padded batch of ``image_size``."""
+        a padded batch of ``image_size``. Kept per sizes, except under ``torch.compile``/``torch.export``:
+        there the sizes may be symbols (no dictionary key), and the graph computes the anchors itself."""
+        if torch.compiler.is_compiling():
+            return self._grid(feature_sizes, image_size)
         key = (tuple(feature_sizes), tuple(image_size), self.base0.device, self.base0.dtype)
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
-            anchors = []
-            for level, (h, w) in enumerate(feature_sizes):
-                if self.grid_stride == "declared":
-                    stride_y = stride_x = self.strides[level]
-                else:
-                    stride_y, stride_x = image_size[0] // h, image_size[1] // w
-                base = getattr(self, f"base{level}")
-                ys = torch.arange(h, dtype=torch.int32, device=base.device) * stride_y
-                xs = torch.arange(w, dtype=torch.int32, device=base.device) * stride_x
-                grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-                shifts = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=-1).reshape(-1, 1, 4)
-                anchors.append((shifts + base.view(1, -1, 4)).reshape(-1, 4))  # (H*W*A, 4)
-            self._cache[key] = anchors
+            self._cache[key] = self._grid(feature_sizes, image_size)
         return self._cache[key]
+
+    def _grid(self, feature_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int]) -> list[torch.Tensor]:
+        anchors = []
+        for level, (h, w) in enumerate(feature_sizes):
+            if self.grid_stride == "declared":
+                stride_y = stride_x = self.strides[level]
+            else:
+                stride_y, stride_x = image_size[0] // h, image_size[1] // w
+            base = getattr(self, f"base{level}")
+            ys = torch.arange(h, dtype=torch.int32, device=base.device) * stride_y
+            xs = torch.arange(w, dtype=torch.int32, device=base.device) * stride_x
+            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+            shifts = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=-1).reshape(-1, 1, 4)
+            anchors.append((shifts + base.view(1, -1, 4)).reshape(-1, 4))  # (H*W*A, 4)
+        return anchors

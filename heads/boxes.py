@@ -159,15 +159,17 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     host round trip on CUDA): each group's boxes are moved apart by ``group * (extent + 1)``. The shifted
     coordinates are float64, where adding the offsets to float32 boxes is exact, so the overlaps are the
     ones of the unshifted boxes to float32 rounding however many groups there are (shifted float32
-    coordinates of a 1333-px image in 1000 groups would lose 0.1 px). On the CPU, for many boxes, one NMS
+    coordinates of a 1333-px image in 1000 groups would lose 0.1 px), except in an exported graph (ONNX's
+    NonMaxSuppression takes float32 only; one image's classes there). On the CPU, for many boxes, one NMS
     per group (``loops_over_groups``): the same result, faster there."""
     if loops_over_groups(boxes):
         return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    boxes = boxes.double()
+    if not torch.compiler.is_exporting():  # an exported graph stays float32: ONNX's NonMaxSuppression takes no other
+        boxes, scores = boxes.double(), scores.double()
     offsets = groups.to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
-    return nms(boxes + offsets[:, None], scores.double(), iou_threshold)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 def sampled_indices(sampled: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

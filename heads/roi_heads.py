@@ -334,7 +334,8 @@ class RoIHeads(nn.Module):
         ``keep`` is the one image's part."""
         if torch.jit.is_tracing():
             return [keep]
-        order = image.argsort(stable=True)
+        count = image.shape[0]  # a size symbol under torch.export (len() would ask for its value)
+        order = (image * count + torch.arange(count, device=image.device)).argsort()  # distinct keys: any sort
         counts = torch.zeros(num_images + 1, dtype=torch.int64, device=keep.device).index_add_(
             0, image, torch.ones_like(image))
         return list(keep[order].split(counts.tolist()))[:num_images]

@@ -13,13 +13,11 @@ Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It tra
 modules as they run (no second implementation to keep equal; where the heads compute a size from the
 input, the RPN's per-level top-k count, box clipping and the per-image split, they keep it traced so
 that it is not frozen at the example's size) and maps torchvision's ``nms`` and ``roi_align`` to ONNX's
-``NonMaxSuppression`` and ``RoiAlign``. The ``torch.export``-based exporter (``dynamo=True``) cannot take
-the whole detector: ``torch.export`` first stops at the anchor generator's cache, keyed by the feature
-maps' sizes (symbols there: "unhashable type: non-nested SymInt"), and past it at torchvision's
-``batched_nms``, which branches on the number of boxes kept by the score and size filters, a count that
-depends on the data ("Could not guard on data-dependent expression"). The backbone (+ FPN) and the
-segmenter have no such counts and are exported by ``torch.export`` as well (``export_program``).
-torch 2.9+ marks the TorchScript-based exporter deprecated; its ``DeprecationWarning`` is silenced here.
+``NonMaxSuppression`` and ``RoiAlign``. torch 2.9+ marks it deprecated; its ``DeprecationWarning`` is
+silenced here. The ``torch.export``-based exporter (``dynamo=True``) takes the whole detector too (the heads'
+selections have fixed sizes; NMS's output and the kept count are size symbols) with ONNX Runtime's outputs
+equal to PyTorch's, but takes about 7 times as long to export; ``export_program`` writes the same
+``torch.export`` program as a ``.pt2`` file, for the detector and the segmenter whole.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ from torch.export import Dim
 from backbones.errors import UserError
 from heads import torchvision_roi_align
 from tasks.detection.model import rescale_boxes
+from tasks.modeling.compiling import compile_settings
 from tasks.modeling.batching import normalize_image
 
 INSTALL_HINT = 'install the export extra: pip install -e ".[export]"'
@@ -283,32 +282,24 @@ def load_onnx(path: str | Path, task: str, threads: int = 0) -> OnnxModel:
 
 
 def export_program(model: nn.Module, task: str, path: str | Path) -> Path:
-    """``torch.export`` of the part of ``model`` whose shapes are symbolic in the image's height and width,
-    saved as an ``ExportedProgram`` (``torch.export.load``). Segmentation: the whole ``SegmenterGraph``
-    (image -> class map). Detection: the backbone (with its FPN) on a normalized, padded batch ``(1, 3, H,
-    W)`` (H, W multiples of its size divisibility) -> its feature maps. The rest of a detector keeps boxes
-    selected by thresholds and NMS, whose counts depend on the data; ``torch.export`` needs every such
-    count bounded and every branch on it removed, which the RPN and the RoI heads (shared with training)
-    do not provide."""
+    """``torch.export`` of the whole model, image to outputs, with the image's height and width symbolic,
+    saved as an ``ExportedProgram`` (``torch.export.load``): the ``SegmenterGraph`` (image -> class map) or
+    the ``DetectorGraph`` (image -> boxes, scores, labels). A detector's selections have sizes known before
+    the data except NMS's output and the kept count, which ``torch.export`` carries as size symbols
+    (``tasks/modeling/compiling.py``). Images from twice the coarsest stride up (smaller ones would make maps
+    of one pixel, a special case) to 4096 pixels a side."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exportable(model), torch.no_grad():
+    if task not in ("segmentation", "detection"):
+        raise UserError(f"cannot export a model of task {task!r}: detection or segmentation")
+    with _exportable(model), torch.no_grad(), compile_settings():
         device = next(model.parameters()).device
-        divisor = max(model.backbone.size_divisibility, 1)
-        if task == "segmentation":
-            example = (torch.zeros((3, *EXAMPLE_SIZE), dtype=torch.uint8, device=device),)
-            smallest = max(64, 2 * divisor)  # smaller images would make maps of one pixel, a special case
-            shapes = ({1: Dim("height", min=smallest, max=4096), 2: Dim("width", min=smallest, max=4096)},)
-            program = torch.export.export(SegmenterGraph(model), example, dynamic_shapes=shapes)
-        elif task == "detection":
-            height = -(-EXAMPLE_SIZE[0] // divisor) * divisor
-            width = -(-EXAMPLE_SIZE[1] // divisor) * divisor
-            example = (torch.zeros((1, 3, height, width), device=device),)
-            steps_h, steps_w = Dim("height_steps", min=1, max=4096 // divisor), Dim("width_steps", min=1, max=4096 // divisor)
-            shapes = ({2: divisor * steps_h, 3: divisor * steps_w},)
-            program = torch.export.export(model.backbone, example, dynamic_shapes=shapes)
-        else:
-            raise UserError(f"cannot export a model of task {task!r}: detection or segmentation")
+        example = (torch.zeros((3, *EXAMPLE_SIZE), dtype=torch.uint8, device=device),)
+        coarsest = max(s.stride for s in model.backbone.output_shape().values())
+        smallest = max(64, 2 * max(model.backbone.size_divisibility, 1), 2 * coarsest + 1)
+        shapes = ({1: Dim("height", min=smallest, max=4096), 2: Dim("width", min=smallest, max=4096)},)
+        graph = SegmenterGraph(model) if task == "segmentation" else DetectorGraph(model)
+        program = torch.export.export(graph, example, dynamic_shapes=shapes)
     torch.export.save(program, str(path))
     return path
 

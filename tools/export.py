@@ -9,8 +9,8 @@ test scale the metadata records (``resdet.min_size_test``, ``resdet.max_size_tes
 caller's). Outputs ``boxes``, ``scores``, ``labels`` (detection) or ``classes`` (+ ``logits`` with
 ``--logits``, segmentation); the classes and the task are in its metadata too. Run it with
 ``tools/infer.py CONFIG --weights model.onnx`` or any ONNX Runtime. Needs ``pip install -e ".[export]"``.
-pt2: ``torch.export`` of the segmenter (image -> class map) or of the detector's backbone with its FPN
-(normalized padded batch -> feature maps); see ``tasks/deploy.py: export_program``.
+pt2: ``torch.export`` of the whole segmenter (image -> class map) or detector (image -> boxes, scores,
+labels), height and width symbolic; see ``tasks/deploy.py: export_program``.
 """
 
 from __future__ import annotations
