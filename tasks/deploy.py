@@ -37,8 +37,8 @@ from torch.export import Dim
 from backbones.errors import UserError
 from heads import torchvision_roi_align
 from tasks.detection.model import rescale_boxes
-from tasks.modeling.compiling import compile_settings
 from tasks.modeling.batching import normalize_image
+from tasks.modeling.compiling import compile_settings
 
 INSTALL_HINT = 'install the export extra: pip install -e ".[export]"'
 DEFAULT_OPSET = 17
