@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.config
 import torchvision
 from conftest import randomize_
 
@@ -259,3 +260,38 @@ def test_engine_trains_and_evaluates_the_quickstart_on_one_gpu(tmp_path):
         assert torch.cuda.max_memory_allocated() > 0  # the model ran on the device
         assert result.metrics["bbox/AP"] >= 0.5, result.metrics
     assert (tmp_path / "run" / "coco_results.json").is_file()
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4", "dc5"])
+def test_host_syncs_on_the_device_are_the_counted_ones(layout):
+    """The host-blocking points tests/test_syncs.py holds (counted on the CPU with CUDA's code paths), counted
+    on the device itself."""
+    from test_syncs import OURS, detector_and_batch
+
+    from tools.syncs import count_model_syncs
+
+    model, _, images, targets = detector_and_batch(layout)
+    counts = count_model_syncs(model.to(DEVICE), images, targets, DEVICE)
+    assert (counts["train"].total, counts["infer"].total) == OURS[layout], counts["infer"].as_dict()
+
+
+def test_compiled_detector_gives_the_eager_detections_and_losses():
+    """``train.compile``'s compilation (tasks/modeling/compiling.py) of a detector on the device: the eager
+    model's detections, and its losses for the same sampled anchors and RoIs (same seed)."""
+    from tasks.modeling.compiling import compile_model
+
+    model = detector("fpn").to(DEVICE)
+    compiled = compile_model(model)
+    images = photos(SIZES)
+    with torch.no_grad():
+        expected, got = model.eval()(images), compiled.eval()(images)
+    for reference, candidate in zip(expected, got):
+        match(reference, candidate, box_tol=0.01, score_tol=1e-4)
+    model.train()
+    losses = []
+    with torch._inductor.config.patch(fallback_random=True):  # the eager random numbers: the same samples
+        for run in (model, compiled):
+            torch.manual_seed(0)
+            losses.append({k: float(v) for k, v in run(images, on(DEVICE, TARGETS)).items()})
+    assert losses[0].keys() == losses[1].keys()
+    assert all(abs(losses[0][k] - losses[1][k]) <= 1e-3 * max(1.0, abs(losses[0][k])) for k in losses[0]), losses

@@ -80,16 +80,22 @@ def test_batched_nms_keeps_groups_apart_at_float32_precision():
     assert len(keep) == 1001 and (keep % 2 == 0).all()  # above it: every partner goes
 
 
-def _detector_counts(layout: str):
-    """Ours and torchvision's of the same architecture and settings, on a batch of two small images (ResNet-18 where
-    torchvision's basic blocks allow it: they cannot be dilated, so DC5 is a ResNet-50)."""
+def detector_and_batch(layout: str):
+    """Our detector of the layout (ResNet-18 FPN and C4, ResNet-50 DC5: torchvision's basic blocks cannot be
+    dilated), its config and a batch of two small images with their targets."""
     depth, (height, width) = (50, (128, 160)) if layout == "dc5" else (18, (192, 256))
     config = prepare_config(load_config("configs/frcnn_r50.yaml", [
         f"model.layout={layout}", f"model.backbone.depth={depth}", "model.backbone.weights=null", "model.num_classes=3",
         "model.roi_heads.batch_size_per_image=64", "model.rpn.post_nms_topk=[200,100]"]))  # fewer RoIs: faster, same syncs
     torch.manual_seed(0)
     images, targets = synthetic_batch(2, height, width, 3)
-    ours = get_task("detection").build_model(config, init_weights=False)
+    return get_task("detection").build_model(config, init_weights=False), config, images, targets
+
+
+def _detector_counts(layout: str):
+    """Ours and torchvision's of the same architecture and settings, on the same batch."""
+    ours, config, images, targets = detector_and_batch(layout)
+    height, width = images[0].shape[-2:]
     theirs = torchvision_detector(config, height, width)
     return (count_model_syncs(ours, images, targets, CPU),
             count_model_syncs(theirs, torchvision_inputs(images), targets, CPU, to_device=True))

@@ -23,6 +23,7 @@ from tasks.data.coco import load_coco
 from tasks.engine import make_accelerator, write_json
 from tasks.evaluation.coco import BACKENDS, coco_report, load_results
 from tasks.evaluation.reports import write_coco_report
+from tasks.modeling.compiling import compile_model
 from tasks.registry import get_task, prepare_config
 
 
@@ -41,6 +42,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", help="metrics.json to write (with --results)")
     parser.add_argument("--backend", choices=BACKENDS, help="COCO evaluation: pycocotools (the reference, default) or "
                                                             "faster_coco_eval (same numbers, faster); overrides eval.backend")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile "
+                        "(tasks/modeling/compiling.py; the first batches of each image size compile)")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
 
@@ -70,6 +73,8 @@ def main(argv: list[str]) -> int:
     model = task.build_model(config, init_weights=False)  # the checkpoint replaces the initialisation
     task.load_weights(model, weights)
     model.to(accelerator.device)
+    if args.compile:  # the weights were loaded into the plain model; the compiled one runs it
+        model = compile_model(model)
     dataset = task.val_dataset(config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from tasks.deploy import is_onnx, load_onnx
 from tasks.detection.data import label_names
 from tasks.detection.drawing import draw_detections
 from tasks.evaluation.coco import to_coco_results
+from tasks.modeling.compiling import compile_model
 from tasks.registry import get_task, prepare_config
 from tasks.segmentation.data import segmentation_names
 from tasks.segmentation.drawing import draw_segmentation
@@ -50,6 +51,15 @@ def load_model(config, weights: Path):
     return model
 
 
+def compiled_if_asked(model, compile: bool, weights: Path):
+    """``model`` through ``torch.compile`` with ``--compile`` (an ONNX file cannot be: it is an error)."""
+    if not compile:
+        return model
+    if is_onnx(weights):
+        raise UserError(f"--compile runs a PyTorch model through torch.compile; {weights} runs on ONNX Runtime")
+    return compile_model(model)
+
+
 def image_batches(config, files: list[Path], progress_name: str):
     """The files decoded and resized to the config's test scale by ``data.num_workers`` DataLoader workers,
     in ``eval.batch_size`` batches of ``(index, image, resized)``, with a progress bar."""
@@ -62,7 +72,7 @@ def segment(config, run_dir: Path | None, weights: Path, files: list[Path], args
     """The segmentation branch of ``main``."""
     task = SegmentationTask()
     model = load_model(config, weights)
-    model.to(args.device).eval()
+    model = compiled_if_asked(model.to(args.device).eval(), args.compile, weights)
     names = segmentation_names(config, run_dir, model.num_classes)
     for batch in image_batches(config, files, "segment"):
         for index, image, resized in batch:
@@ -87,6 +97,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--draw-threshold", type=float, default=0.5, help="smallest score drawn")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile "
+                        "(tasks/modeling/compiling.py; the first batches of each image size compile)")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
 
@@ -103,7 +115,7 @@ def main(argv: list[str]) -> int:
         return segment(config, run_dir, weights, files, args, output)
     model = load_model(config, weights)
     label_to_category, names = label_names(config, run_dir, model.num_classes)
-    model.to(args.device).eval()
+    model = compiled_if_asked(model.to(args.device).eval(), args.compile, weights)
 
     predictions = []
     for batch in image_batches(config, files, "detect"):

@@ -25,7 +25,8 @@ gives the figures a GPU run has:
 and one inference call of our detector and of torchvision's, each after one uncounted call, fed as their
 training code feeds them (torchvision's: its reference script's blocking ``.to(device)`` of images and
 targets). ``python tools/benchmark.py CONFIG --mode syncs [--compare torchvision]`` prints and writes them.
-The training engine adds one read-back per micro-batch of its own (the finite-loss and stop check).
+The training engine adds reads of its own: the finite-loss and stop check (once a micro-batch, or once in N
+iterations with ``train.check_period: N``) and the log line.
 """
 
 from __future__ import annotations
