@@ -175,7 +175,9 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
 def sampled_indices(sampled: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled elements of each row of ``sampled`` (N, P) as fixed-size indices: ``(index (N, S), valid
     (N, S))`` with ``S = min(size, P)``; each row lists its sampled elements in increasing order, then
-    (``valid`` False) unsampled ones to fill the row. A stable sort, not ``nonzero``: the sizes are known
-    before the data, so the host never waits for the device."""
-    order = sampled.argsort(dim=1, descending=True, stable=True)[:, : min(size, sampled.shape[1])]
+    (``valid`` False) unsampled ones to fill the row. A ``topk``, not ``nonzero``: the sizes are known before
+    the data, so the host never waits for the device."""
+    count = sampled.shape[1]
+    rank = torch.where(sampled, torch.arange(count, 0, -1, device=sampled.device), 0)  # earlier: higher; unsampled 0
+    _, order = rank.topk(min(size, count), dim=1)  # sorted: the sampled ones first, in increasing order
     return order, sampled.gather(1, order)
