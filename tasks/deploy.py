@@ -14,9 +14,10 @@ modules as they run (no second implementation to keep equal; where the heads com
 input, the RPN's per-level top-k count, box clipping and the per-image split, they keep it traced so
 that it is not frozen at the example's size) and maps torchvision's ``nms`` and ``roi_align`` to ONNX's
 ``NonMaxSuppression`` and ``RoiAlign``. torch 2.9+ marks it deprecated; its ``DeprecationWarning`` is
-silenced here. The ``torch.export``-based exporter (``dynamo=True``) takes the whole detector too (the heads'
-selections have fixed sizes; NMS's output and the kept count are size symbols) with ONNX Runtime's outputs
-equal to PyTorch's, but takes about 7 times as long to export; ``export_program`` writes the same
+silenced here. The ``torch.export``-based exporter (``exporter="dynamo"``, ``tools/export.py --exporter
+dynamo``) takes the whole detector too (the heads' selections have fixed sizes; NMS's output and the kept
+count are size symbols; NMS in float32 there, ONNX's only type) with ONNX Runtime's outputs equal to
+PyTorch's (tested), but takes several times as long to export; ``export_program`` writes the same
 ``torch.export`` program as a ``.pt2`` file, for the detector and the segmenter whole.
 """
 
@@ -115,11 +116,18 @@ def _exportable(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+EXPORTERS = ("torchscript", "dynamo")
+
+
 def export_onnx(model: nn.Module, task: str, path: str | Path, metadata: Mapping[str, Any],
-                opset: int = DEFAULT_OPSET, logits: bool = False) -> Path:
+                opset: int = DEFAULT_OPSET, logits: bool = False, exporter: str = "torchscript") -> Path:
     """Write ``model`` (a ``FasterRCNN`` for ``task="detection"``, a ``SemanticSegmentor`` for
     ``"segmentation"``) to ``path`` as an ONNX graph with dynamic height and width, and record
-    ``metadata`` (see ``export_metadata``) in its ``metadata_props``. Checked with ``onnx.checker``."""
+    ``metadata`` (see ``export_metadata``) in its ``metadata_props``. Checked with ``onnx.checker``.
+    ``exporter``: ``torchscript`` (tracing) or ``dynamo`` (``torch.export``'s program, the sizes
+    ``export_program`` takes; its opset is at least 18)."""
+    if exporter not in EXPORTERS:
+        raise UserError(f"ONNX exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     onnx = _import("onnx")
     _import("onnxscript")  # torch.onnx needs it, even for the TorchScript-based exporter
     path = Path(path)
@@ -137,10 +145,16 @@ def export_onnx(model: nn.Module, task: str, path: str | Path, metadata: Mapping
                    "logits": {1: "height", 2: "width"}}
     else:
         raise UserError(f"cannot export a model of task {task!r}: detection or segmentation")
-    with _exportable(model), torch.no_grad(), _quiet_tracing():
-        torch.onnx.export(graph, (example.to(device),), str(path), dynamo=False, opset_version=opset,
-                          input_names=["image"], output_names=outputs,
-                          dynamic_axes={k: v for k, v in dynamic.items() if k in ["image", *outputs]})
+    if exporter == "dynamo":
+        with _exportable(model), torch.no_grad(), compile_settings():
+            torch.onnx.export(graph, (example.to(device),), str(path), dynamo=True, opset_version=max(opset, 18),
+                              input_names=["image"], output_names=outputs, dynamic_shapes=_image_sizes(model, task),
+                              verbose=False)
+    else:
+        with _exportable(model), torch.no_grad(), _quiet_tracing():
+            torch.onnx.export(graph, (example.to(device),), str(path), dynamo=False, opset_version=opset,
+                              input_names=["image"], output_names=outputs,
+                              dynamic_axes={k: v for k, v in dynamic.items() if k in ["image", *outputs]})
     proto = onnx.load(str(path))
     proto.doc_string = f"resdet {task} model: input 'image' uint8 (3, H, W) RGB, outputs {', '.join(outputs)}"
     props = {**{k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()},
@@ -286,8 +300,7 @@ def export_program(model: nn.Module, task: str, path: str | Path) -> Path:
     saved as an ``ExportedProgram`` (``torch.export.load``): the ``SegmenterGraph`` (image -> class map) or
     the ``DetectorGraph`` (image -> boxes, scores, labels). A detector's selections have sizes known before
     the data except NMS's output and the kept count, which ``torch.export`` carries as size symbols
-    (``tasks/modeling/compiling.py``). Images from twice the coarsest stride up (smaller ones would make maps
-    of one pixel, a special case) to 4096 pixels a side."""
+    (``tasks/modeling/compiling.py``). Image sizes: ``_image_sizes``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if task not in ("segmentation", "detection"):
@@ -295,13 +308,18 @@ def export_program(model: nn.Module, task: str, path: str | Path) -> Path:
     with _exportable(model), torch.no_grad(), compile_settings():
         device = next(model.parameters()).device
         example = (torch.zeros((3, *EXAMPLE_SIZE), dtype=torch.uint8, device=device),)
-        coarsest = max(s.stride for s in model.backbone.output_shape().values())
-        smallest = max(64, 2 * max(model.backbone.size_divisibility, 1), 2 * coarsest + 1)
-        shapes = ({1: Dim("height", min=smallest, max=4096), 2: Dim("width", min=smallest, max=4096)},)
         graph = SegmenterGraph(model) if task == "segmentation" else DetectorGraph(model)
-        program = torch.export.export(graph, example, dynamic_shapes=shapes)
+        program = torch.export.export(graph, example, dynamic_shapes=_image_sizes(model, task))
     torch.export.save(program, str(path))
     return path
+
+
+def _image_sizes(model: nn.Module, task: str) -> tuple[dict[int, Dim]]:
+    """The image's height and width as ``torch.export`` symbols: from twice the coarsest stride up (smaller
+    images would make maps of one pixel, a special case) to 4096 pixels."""
+    coarsest = max(s.stride for s in model.backbone.output_shape().values())
+    smallest = max(64, 2 * max(model.backbone.size_divisibility, 1), 2 * coarsest + 1)
+    return ({1: Dim("height", min=smallest, max=4096), 2: Dim("width", min=smallest, max=4096)},)
 
 
 def onnx_runner(model: nn.Module, config, mode: str, weights: str | Path | None = None) -> OnnxModel:

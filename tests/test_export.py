@@ -99,6 +99,23 @@ def test_onnx_detector_gives_the_pytorch_detections(exported, layout):
         assert got["boxes"][:, 2].max() <= size[1] and got["boxes"][:, 3].max() <= size[0]  # clipped to this input
 
 
+def test_dynamo_exporter_gives_the_pytorch_detections(tmp_path):
+    """The ``torch.export``-based ONNX exporter takes the whole detector (its sizes fixed or symbols): at sizes
+    other than the traced one, ONNX Runtime gives the PyTorch model's detections. (C4: the fastest to export.)"""
+    model = small_detector("c4")
+    path = export_onnx(model, "detection", tmp_path / "c4.onnx",
+                       export_metadata(320, 512, {k: f"class {k}" for k in range(1, 6)}, {k: k for k in range(1, 6)}),
+                       exporter="dynamo")
+    onnx_model = OnnxDetector(path, threads=1)
+    for index, size in enumerate(SIZES[:2]):
+        image = photo(index, size)
+        with torch.no_grad():
+            (reference,) = model([image])
+        (got,) = onnx_model([image])
+        assert len(reference["boxes"]) >= 5, "the test needs detections to compare"
+        match_one_to_one(reference, got)
+
+
 def test_onnx_segmenter_gives_the_pytorch_class_map(exported):
     model, onnx_model = exported["fcn"]
     for index, size in enumerate(SIZES):

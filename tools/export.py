@@ -1,6 +1,7 @@
 """Export a trained detector or segmenter for deployment: one ONNX file, or ``torch.export`` programs.
 
     python tools/export.py CONFIG_OR_RUN_DIR [--weights FILE_OR_NAME] --output model.onnx [--opset N] [--logits]
+        [--exporter torchscript|dynamo]
     python tools/export.py CONFIG_OR_RUN_DIR [--weights FILE_OR_NAME] --output model.pt2 --format pt2 [key=value ...]
 
 onnx (the default): the whole model in one graph (normalization, padding, backbone, for a detector the RPN,
@@ -9,6 +10,8 @@ test scale the metadata records (``resdet.min_size_test``, ``resdet.max_size_tes
 caller's). Outputs ``boxes``, ``scores``, ``labels`` (detection) or ``classes`` (+ ``logits`` with
 ``--logits``, segmentation); the classes and the task are in its metadata too. Run it with
 ``tools/infer.py CONFIG --weights model.onnx`` or any ONNX Runtime. Needs ``pip install -e ".[export]"``.
+``--exporter dynamo``: torch's ``torch.export``-based ONNX exporter instead of the TorchScript tracer (the
+same detections; slower to export).
 pt2: ``torch.export`` of the whole segmenter (image -> class map) or detector (image -> boxes, scores,
 labels), height and width symbolic; see ``tasks/deploy.py: export_program``.
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 from backbones.errors import UserError
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_run
-from tasks.deploy import DEFAULT_OPSET, export_metadata, export_onnx, export_program
+from tasks.deploy import DEFAULT_OPSET, EXPORTERS, export_metadata, export_onnx, export_program
 from tasks.detection.data import label_names
 from tasks.registry import get_task, prepare_config
 from tasks.segmentation.data import segmentation_names
@@ -38,6 +41,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (at least 16: RoIAlign's "
                                                                          "half-pixel alignment)")
     parser.add_argument("--logits", action="store_true", help="segmentation: also output the logits (K, H, W)")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
+                        help="ONNX: torchscript (tracing, the default) or dynamo (torch.export's program; slower to export)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
@@ -64,7 +69,7 @@ def main(argv: list[str]) -> int:
     else:
         names = segmentation_names(config, run_dir, model.num_classes)
         metadata = export_metadata(config.data.min_size_test, config.data.max_size_test, dict(enumerate(names)))
-    export_onnx(model, config.task, output, metadata, args.opset, args.logits)
+    export_onnx(model, config.task, output, metadata, args.opset, args.logits, args.exporter)
     print(f"wrote {output} ({config.task}, opset {args.opset}; run it with tools/infer.py CONFIG --weights {output})")
     return 0
 
