@@ -22,16 +22,9 @@ from torch import nn
 DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
 
 
-def use_compile_settings() -> None:
-    """Set ``DYNAMO_SETTINGS`` in dynamo's config (process-wide: compilation happens at a compiled model's
-    first call, not when ``torch.compile`` wraps it)."""
-    for key, value in DYNAMO_SETTINGS.items():
-        setattr(torch._dynamo.config, key, value)
-
-
 @contextlib.contextmanager
 def compile_settings() -> Iterator[None]:
-    """``DYNAMO_SETTINGS`` for the duration of a block (``torch._dynamo.explain`` in tests, a benchmark)."""
+    """``DYNAMO_SETTINGS`` for the duration of a block (an export; ``torch._dynamo.explain`` in tests)."""
     with torch._dynamo.config.patch(**DYNAMO_SETTINGS):
         yield
 
@@ -39,6 +32,8 @@ def compile_settings() -> Iterator[None]:
 def compile_model(model: nn.Module, **options) -> nn.Module:
     """``torch.compile(model, **options)`` under ``DYNAMO_SETTINGS``. The result's parameters are the model's;
     its state dict's keys have the prefix ``_orig_mod.``: save ``model`` itself (or accelerate's
-    ``unwrap_model(..., keep_torch_compile=False)``)."""
-    use_compile_settings()
+    ``unwrap_model(..., keep_torch_compile=False)``). The settings are set process-wide: dynamo reads them
+    when the compiled model is first called, not when ``torch.compile`` wraps it."""
+    for key, value in DYNAMO_SETTINGS.items():
+        setattr(torch._dynamo.config, key, value)
     return torch.compile(model, **options)
