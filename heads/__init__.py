@@ -2,12 +2,14 @@
 
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, Matcher, box_loss, sample_balanced
+from .detections import Detections
 from .roi_heads import FastRCNNPredictor, FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler, torchvision_roi_align
 from .rpn import RPN, RPNHead
 
 __all__ = [
     "AnchorGenerator",
     "BoxCoder",
+    "Detections",
     "FCBoxHead",
     "FastRCNNPredictor",
     "Matcher",

@@ -21,6 +21,7 @@ from torchvision.ops import box_area, box_iou, roi_align
 from backbones import ShapeSpec
 
 from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, sample_balanced, sampled_indices
+from .detections import Detections
 from .roi_align import sparse_roi_align
 
 POOLER_IMPLS = ("auto", "torchvision", "sparse")
@@ -213,9 +214,9 @@ class RoIHeads(nn.Module):
         proposals: tuple[torch.Tensor, torch.Tensor],
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, torch.Tensor]] | None = None,
-    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-        """``proposals``: the RPN's ``(boxes (N, P, 4), valid (N, P))``. Training: the losses; inference:
-        per image ``{"boxes", "scores", "labels"}``."""
+    ) -> tuple[Detections | None, dict[str, torch.Tensor]]:
+        """``proposals``: the RPN's ``(boxes (N, P, 4), valid (N, P))``. Training: ``(None, losses)``;
+        inference: ``(detections, {})``, per image ``{"boxes", "scores", "labels"}``."""
         boxes, valid = proposals
         if targets is not None:
             boxes, labels, regression_targets = self.sample_proposals(boxes, valid, targets)
@@ -223,7 +224,7 @@ class RoIHeads(nn.Module):
         x = self.box_head(self.pooler(maps, boxes))
         class_logits, box_deltas = self.predictor(x)
         if targets is not None:
-            return [], self.losses(class_logits, box_deltas, labels.flatten(), regression_targets.flatten(0, 1))
+            return None, self.losses(class_logits, box_deltas, labels.flatten(), regression_targets.flatten(0, 1))
         return self.detect(class_logits, box_deltas, boxes, valid, image_sizes), {}
 
     @torch.no_grad()
@@ -291,15 +292,16 @@ class RoIHeads(nn.Module):
         proposals: torch.Tensor,
         valid: torch.Tensor,
         image_sizes: list[tuple[int, int]],
-    ) -> list[dict[str, torch.Tensor]]:
+    ) -> Detections:
         """Per image the best ``detections_per_image`` class-specific boxes of the ``valid`` proposals
         ``(N, P, 4)``: scores above ``score_thresh``, sides of at least ``min_size``, per-class NMS.
 
         Candidates: with ``topk_candidates`` the best that many per image pass on at a fixed size (the
         result is the same unless fewer than ``detections_per_image`` boxes survive among them while more
         than that many passed the filters); without it (or while an ONNX export traces the model) all that
-        pass. One NMS call for all images and classes; the per-image counts are then read once, to cut the
-        results into the per-image lists."""
+        pass. One NMS call for all images and classes. Its survivors are ranked in a fixed ``(N, P * K)``
+        grid, whose ``detections_per_image`` lowest ranks per row are the result: a fixed size, nothing read
+        back (``Detections`` reads the counts when the host asks for the per-image lists)."""
         num_images, per_image = valid.shape
         num_classes = self.num_classes
         boxes = self.box_coder.decode(box_deltas, proposals.flatten(0, 1)).view(num_images, per_image, num_classes + 1, 4)
@@ -317,25 +319,14 @@ class RoIHeads(nn.Module):
         else:
             image, index = torch.where(usable)
         image_of = image.clamp(max=num_images - 1)
-        candidate_boxes, candidate_scores = boxes[image_of, index], scores[image_of, index]
         labels = index % num_classes + 1
-        keep = batched_nms(candidate_boxes, candidate_scores, image * num_classes + labels, self.nms_thresh)  # best first
-        results = []
-        for image_keep in self._per_image(keep, image[keep], num_images):
-            image_keep = image_keep[: self.detections_per_image]
-            results.append({"boxes": candidate_boxes[image_keep], "scores": candidate_scores[image_keep],
-                            "labels": labels[image_keep]})
-        return results
-
-    @staticmethod
-    def _per_image(keep: torch.Tensor, image: torch.Tensor, num_images: int) -> list[torch.Tensor]:
-        """``keep`` (best first) cut into one part per image, each best first. The counts are read back
-        once for the whole batch; while tracing (an export: a batch of one, no candidates of other images)
-        ``keep`` is the one image's part."""
-        if torch.jit.is_tracing():
-            return [keep]
-        count = image.shape[0]  # a size symbol under torch.export (len() would ask for its value)
-        order = (image * count + torch.arange(count, device=image.device)).argsort()  # distinct keys: any sort
-        counts = torch.zeros(num_images + 1, dtype=torch.int64, device=keep.device).index_add_(
-            0, image, torch.ones_like(image))
-        return list(keep[order].split(counts.tolist()))[:num_images]
+        keep = batched_nms(boxes[image_of, index], scores[image_of, index], image * num_classes + labels,
+                           self.nms_thresh)  # best first
+        # rank of each survivor in NMS order, in a grid of (image, candidate); an extra row for the filtered
+        grid = boxes.shape[1]
+        rank = torch.full(((num_images + 1) * grid,), keep.shape[0], dtype=torch.int64, device=keep.device)
+        rank = rank.index_put((image[keep] * grid + index[keep],), torch.arange(keep.shape[0], device=keep.device))
+        rank, best = rank.view(num_images + 1, grid)[:num_images].topk(min(self.detections_per_image, grid), dim=1,
+                                                                        largest=False)  # (N, D), best first
+        return Detections({"boxes": boxes.gather(1, best[..., None].expand(-1, -1, 4)), "scores": scores.gather(1, best),
+                           "labels": best % num_classes + 1}, rank < keep.shape[0])

@@ -36,7 +36,7 @@ from torch import nn
 from torch.export import Dim
 
 from backbones.errors import UserError
-from heads import torchvision_roi_align
+from heads import Detections, torchvision_roi_align
 from tasks.detection.model import rescale_boxes
 from tasks.modeling.batching import normalize_image
 from tasks.modeling.compiling import compile_settings
@@ -241,7 +241,8 @@ class OnnxModel(nn.Module):
 
 class OnnxDetector(OnnxModel):
     """An exported detector, called as ``FasterRCNN`` in eval mode: ``(images, original_sizes=None)`` ->
-    per image ``{"boxes", "scores", "labels"}``, boxes rescaled to ``original_sizes`` when given."""
+    ``Detections``, per image ``{"boxes", "scores", "labels"}``, boxes rescaled to ``original_sizes`` when
+    given."""
 
     def __init__(self, path: str | Path, threads: int = 0):
         super().__init__(path, "detection", threads)
@@ -258,7 +259,7 @@ class OnnxDetector(OnnxModel):
             if original_sizes is not None:
                 found["boxes"] = rescale_boxes(found["boxes"], tuple(image.shape[-2:]), original_sizes[index])
             detections.append(found)
-        return detections
+        return Detections.from_images(detections)
 
 
 class OnnxSegmenter(OnnxModel):

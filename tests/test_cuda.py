@@ -268,11 +268,20 @@ def test_host_syncs_on_the_device_are_the_counted_ones(layout):
     on the device itself."""
     from test_syncs import OURS, detector_and_batch
 
-    from tools.syncs import count_model_syncs
+    from tools.syncs import HostSyncs, count_model_syncs
 
     model, _, images, targets = detector_and_batch(layout)
     counts = count_model_syncs(model.to(DEVICE), images, targets, DEVICE)
     assert (counts["train"].total, counts["infer"].total) == OURS[layout], counts["infer"].as_dict()
+    with torch.no_grad(), HostSyncs(images, DEVICE) as counter:  # and the evaluation's read of the results
+        model.eval()(images).cpu()
+    assert counter.report.total == OURS[layout][1] + 1, counter.report.as_dict()  # the whole batch in one copy
+    with torch.no_grad():
+        detections = model(images)
+    for on_device, on_host in zip(detections, detections.cpu()):
+        for name, field in on_device.items():
+            assert on_host[name].device.type == "cpu" and on_host[name].dtype == field.dtype
+            assert torch.equal(on_host[name], field.cpu()), name
 
 
 def test_compiled_detector_gives_the_eager_detections_and_losses():

@@ -6,7 +6,7 @@ from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from heads import AnchorGenerator, BoxCoder, Matcher, sample_balanced
+from heads import AnchorGenerator, BoxCoder, Detections, Matcher, sample_balanced
 
 
 def test_base_anchors_by_hand():
@@ -189,3 +189,37 @@ def test_rpn_losses_from_sampled_anchors_equal_the_full_head(channels_last):
     assert all(g.abs().sum() > 0 for g in expected)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def _two_images() -> Detections:
+    boxes = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    scores, labels = torch.tensor([[0.9, 0.5, 0.0], [0.7, 0.0, 0.0]]), torch.tensor([[3, 1, 0], [2, 0, 0]])
+    return Detections({"boxes": boxes, "scores": scores, "labels": labels}, scores > 0)
+
+
+def test_detections_are_cut_per_image_at_their_counts():
+    detections = _two_images()
+    assert len(detections) == 2
+    first, second = detections
+    assert torch.equal(first["boxes"], torch.arange(8.0).view(2, 4)) and first["labels"].tolist() == [3, 1]
+    assert second["scores"].tolist() == [pytest.approx(0.7)] and second["boxes"].tolist() == [[12.0, 13.0, 14.0, 15.0]]
+    assert detections[-1]["labels"].tolist() == [2]
+    moved = detections.replace(boxes=detections.fields["boxes"] * 2)
+    assert moved[0]["boxes"][1].tolist() == [8.0, 10.0, 12.0, 14.0] and detections[0]["boxes"][1, 0] == 4.0
+
+
+def test_detections_cut_by_their_mask_inside_a_trace():
+    """Traced (an ONNX export), the counts are not constants of the graph: the per-image cut follows the mask
+    of the images the traced function is called with."""
+    traced = torch.jit.trace(lambda scores: tuple(Detections({"scores": scores}, scores > 0)[0].values()),
+                             torch.tensor([[0.9, 0.5, 0.0]]))
+    assert traced(torch.tensor([[0.8, 0.0, 0.0]]))[0].tolist() == [pytest.approx(0.8)]
+
+
+def test_detections_padded_from_per_image_lists_give_them_back():
+    images = list(_two_images())
+    padded = Detections.from_images(images)
+    assert padded.fields["boxes"].shape == (2, 2, 4) and padded.valid.tolist() == [[True, True], [True, False]]
+    for back, image in zip(padded, images):
+        assert all(torch.equal(back[name], image[name]) for name in image)
+    assert len(Detections.from_images([])) == 0

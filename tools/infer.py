@@ -121,9 +121,8 @@ def main(argv: list[str]) -> int:
     for batch in image_batches(config, files, "detect"):
         indices, images, resized = zip(*batch)
         with torch.no_grad():
-            detections = model(list(resized), original_sizes=[tuple(image.shape[:2]) for image in images])
+            detections = model(list(resized), original_sizes=[tuple(image.shape[:2]) for image in images]).cpu()
         for index, image, found in zip(indices, images, detections):
-            found = {k: v.cpu() for k, v in found.items()}
             path = files[index]
             image_id = int(path.stem) if path.stem.isdigit() else index
             for entry in to_coco_results(found, image_id, label_to_category):

@@ -27,8 +27,9 @@ class FasterRCNN(nn.Module):
       MSRA's weights) is applied inside, with ``pixel_mean``/``pixel_std`` in its units;
     - training (``model.train()``): ``targets`` (per image ``boxes`` (G, 4) x1y1x2y2 in input pixels,
       ``labels`` (G,) in 1..num_classes, optional ``iscrowd`` (G,)) are required; returns named losses;
-    - evaluation: returns per image ``{"boxes", "scores", "labels"}``; boxes are rescaled to
-      ``original_sizes`` ((h, w) per image) when given, else in input pixels.
+    - evaluation: returns ``Detections``, a sequence of per image ``{"boxes", "scores", "labels"}``
+      kept at a fixed size on the device until read (``detections.cpu()``: the whole batch in one copy);
+      boxes are rescaled to ``original_sizes`` ((h, w) per image) when given, else in input pixels.
     """
 
     def __init__(
@@ -80,13 +81,14 @@ class FasterRCNN(nn.Module):
         proposals, _ = self.rpn(features, sizes)
         detections, _ = self.roi_heads(features, proposals, sizes)
         if original_sizes is not None:
-            for det, size, original in zip(detections, sizes, original_sizes):
-                det["boxes"] = rescale_boxes(det["boxes"], size, original)
+            detections = detections.replace(boxes=torch.stack([
+                rescale_boxes(boxes, size, original)
+                for boxes, size, original in zip(detections.fields["boxes"], sizes, original_sizes)]))
         return detections
 
 
 def rescale_boxes(boxes: torch.Tensor, size: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
-    """Boxes ``(D, 4)`` found in an image of ``size`` (h, w), in the pixels of the ``original`` (h, w) it
+    """Boxes ``(..., 4)`` found in an image of ``size`` (h, w), in the pixels of the ``original`` (h, w) it
     was resized from. The ratios are float32 (torchvision's), computed on the host: nothing is copied to the
     device."""
     ratio_h, ratio_w = (float(np.float32(o) / np.float32(s)) for o, s in zip(original, size))

@@ -98,10 +98,9 @@ class DetectionTask:
         results = []
         for items in inference_batches(dataset, indices, batch_size, num_workers, progress):
             images = [image for image, _ in items]
-            detections = model(images, original_sizes=[t["orig_size"] for _, t in items])
+            detections = model(images, original_sizes=[t["orig_size"] for _, t in items]).cpu()  # one copy
             for (_, target), det in zip(items, detections):
-                results.extend(to_coco_results({k: v.cpu() for k, v in det.items()}, target["image_id"],
-                                               dataset.label_to_category))
+                results.extend(to_coco_results(det, target["image_id"], dataset.label_to_category))
         return results
 
     def evaluate(self, model: nn.Module, dataset: CocoDetection, accelerator: Accelerator, output_dir: Path,
@@ -136,10 +135,10 @@ class DetectionTask:
         with torch.no_grad():
             for index in range(min(config.eval.num_visualize, len(dataset))):
                 image, target = dataset[index]
-                (det,) = model([image])
+                (det,) = model([image]).cpu()
                 pixels = image.permute(1, 2, 0).numpy()
                 truth = draw_detections(pixels, {"boxes": target["boxes"], "labels": target["labels"]}, names)
-                predicted = draw_detections(pixels, {k: v.cpu() for k, v in det.items()}, names,
+                predicted = draw_detections(pixels, det, names,
                                             config.eval.visualize_score_thresh)
                 side_by_side(truth, predicted).save(output_dir / f"{target['image_id']}.png")
 

@@ -1,12 +1,13 @@
 """``torch.compile`` of a task model: the dynamo settings under which a whole detector is one graph.
 
-A detector has two kinds of operation whose results only the data decides: NMS, whose output length is the
-number of boxes kept, and the one read of the per-image detection counts that cuts a batch's detections into
-per-image tensors. With dynamo's defaults each of them ends a graph (and the code after it starts another);
-``capture_dynamic_output_shape_ops`` traces the first (its length becomes a symbol of the graph) and
-``capture_scalar_outputs`` the second, so that the whole detector, training step or inference call, is one
-graph: ``tests/test_compile.py`` holds the graph and break counts of every layout. Everything else in the
-heads has sizes known before the data (fixed-size selections), which is what makes this possible.
+A detector has one kind of operation whose result only the data decides: NMS, whose output length is the
+number of boxes kept. With dynamo's defaults each NMS ends a graph (and the code after it starts another);
+``capture_dynamic_output_shape_ops`` traces it instead (its length becomes a symbol of the graph), so that
+the whole detector, training step or inference call, is one graph: ``tests/test_compile.py`` holds the
+graph and break counts of every layout. Everything else in the heads has sizes known before the data
+(fixed-size selections, the detections themselves at a fixed size), which is what makes this possible.
+``capture_scalar_outputs`` traces the reads of a tensor as a number (the classifier's labels, read from the
+host's targets) instead of ending the graph there.
 """
 
 from __future__ import annotations
