@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision.ops import clip_boxes_to_image, nms
+from torchvision.ops import box_iou, nms
 
 # Largest log-scale a decoded box may grow by (a box can become at most 1000/16 times its anchor).
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
@@ -65,16 +65,20 @@ class BoxCoder:
         return boxes.flatten(-2)
 
 
-def clip_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``torchvision.ops.clip_boxes_to_image``, except while an ONNX export traces the model: there
-    torchvision clips to ``torch.tensor(height/width)``, which tracing freezes at the example's size;
-    here the traced sizes stay in the graph, so the exported model clips to its input's size."""
-    if not torch.jit.is_tracing():
-        return clip_boxes_to_image(boxes, size)
-    height, width = (torch.as_tensor(s, device=boxes.device).to(boxes.dtype) for s in size)
-    x = boxes[..., 0::2].clamp(min=0).minimum(width)
-    y = boxes[..., 1::2].clamp(min=0).minimum(height)
+def clip_boxes(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Boxes ``(N, K, 4)`` clipped to their image, of ``(h, w)`` in ``sizes`` ``(N, 2)``: torchvision's
+    ``clip_boxes_to_image``, batched, the sizes a tensor (so that neither a compiled graph nor an export
+    fixes them at the sizes it was made with)."""
+    sizes = sizes.to(boxes.dtype)[:, None, :]  # (N, 1, 2)
+    x = boxes[..., 0::2].clamp(min=0).minimum(sizes[..., 1:])
+    y = boxes[..., 1::2].clamp(min=0).minimum(sizes[..., :1])
     return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+
+
+def ground_truth_iou(target: dict[str, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    """IoU ``(G, B)`` of an image's ground-truth boxes with ``boxes`` ``(B, 4)``; rows of padding (label 0:
+    the classes are 1..K) are -1, so that they match nothing, not even as a best low-quality match."""
+    return box_iou(target["boxes"], boxes).masked_fill((target["labels"] == 0)[:, None], -1.0)
 
 
 def box_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, beta: float,

@@ -16,11 +16,11 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_area, box_iou, roi_align
+from torchvision.ops import box_area, roi_align
 
 from backbones import ShapeSpec
 
-from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, sample_balanced, sampled_indices
+from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, ground_truth_iou, sample_balanced, sampled_indices
 from .detections import Detections
 from .roi_align import sparse_roi_align
 
@@ -212,10 +212,11 @@ class RoIHeads(nn.Module):
         self,
         features: dict[str, torch.Tensor],
         proposals: tuple[torch.Tensor, torch.Tensor],
-        image_sizes: list[tuple[int, int]],
+        image_sizes: torch.Tensor,
         targets: list[dict[str, torch.Tensor]] | None = None,
     ) -> tuple[Detections | None, dict[str, torch.Tensor]]:
-        """``proposals``: the RPN's ``(boxes (N, P, 4), valid (N, P))``. Training: ``(None, losses)``;
+        """``proposals``: the RPN's ``(boxes (N, P, 4), valid (N, P))``; ``image_sizes``: ``(h, w)`` per image
+        ``(N, 2)``; ``targets`` as the RPN takes them (label 0: padding). Training: ``(None, losses)``;
         inference: ``(detections, {})``, per image ``{"boxes", "scores", "labels"}``."""
         boxes, valid = proposals
         if targets is not None:
@@ -241,7 +242,7 @@ class RoIHeads(nn.Module):
         for i, target in enumerate(targets):
             count = len(target["boxes"])
             gt_boxes[i, :count] = target["boxes"]
-            gt_ok[i, :count] = ~target.get("iscrowd", torch.zeros_like(target["labels"])).bool()
+            gt_ok[i, :count] = ~target.get("iscrowd", torch.zeros_like(target["labels"])).bool() & (target["labels"] > 0)
         candidates = torch.cat([proposals, gt_boxes], dim=1)  # (N, P + G, 4)
         usable = torch.cat([valid, gt_ok], dim=1)
         labels, matched_boxes = [], []
@@ -262,7 +263,7 @@ class RoIHeads(nn.Module):
         """One image's candidates ``(B, 4)``: class labels (0 background, -1 ignored: between the IoU
         thresholds or matched to a crowd box) and matched ground-truth boxes ``(B, 4)``."""
         gt, gt_labels = target["boxes"], target["labels"]
-        matched, match_labels = self.matcher.match(box_iou(gt, boxes))
+        matched, match_labels = self.matcher.match(ground_truth_iou(target, boxes))
         if not gt.shape[0]:
             return torch.zeros_like(matched), torch.zeros_like(boxes)
         crowd = target.get("iscrowd", torch.zeros_like(gt_labels)).bool()
@@ -291,7 +292,7 @@ class RoIHeads(nn.Module):
         box_deltas: torch.Tensor,
         proposals: torch.Tensor,
         valid: torch.Tensor,
-        image_sizes: list[tuple[int, int]],
+        image_sizes: torch.Tensor,
     ) -> Detections:
         """Per image the best ``detections_per_image`` class-specific boxes of the ``valid`` proposals
         ``(N, P, 4)``: scores above ``score_thresh``, sides of at least ``min_size``, per-class NMS.
@@ -304,8 +305,8 @@ class RoIHeads(nn.Module):
         back (``Detections`` reads the counts when the host asks for the per-image lists)."""
         num_images, per_image = valid.shape
         num_classes = self.num_classes
-        boxes = self.box_coder.decode(box_deltas, proposals.flatten(0, 1)).view(num_images, per_image, num_classes + 1, 4)
-        boxes = torch.stack([clip_boxes(b, size) for b, size in zip(boxes, image_sizes)])[:, :, 1:]  # drop background
+        boxes = self.box_coder.decode(box_deltas, proposals.flatten(0, 1)).view(num_images, -1, 4)
+        boxes = clip_boxes(boxes, image_sizes).view(num_images, per_image, num_classes + 1, 4)[:, :, 1:]  # no background
         boxes = boxes.reshape(num_images, -1, 4)  # (N, P * K, 4), proposal-major
         scores = F.softmax(class_logits, dim=-1)[:, 1:].reshape(num_images, -1)  # (N, P * K)
         usable = valid.repeat_interleave(num_classes, dim=1) & (scores > self.score_thresh)

@@ -7,12 +7,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou
 
 from backbones import ShapeSpec
 
 from .anchors import AnchorGenerator
-from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, sample_balanced, sampled_indices
+from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, ground_truth_iou, sample_balanced, sampled_indices
 
 
 class RPNHead(nn.Module):
@@ -183,11 +182,13 @@ class RPN(nn.Module):
     def forward(
         self,
         features: dict[str, torch.Tensor],
-        image_sizes: list[tuple[int, int]],
+        image_sizes: torch.Tensor,
         targets: list[dict[str, torch.Tensor]] | None = None,
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
         """Proposals ``(boxes (N, P, 4), valid (N, P))`` (detached; see ``select_proposals``) and, when
-        ``targets`` are given, the losses."""
+        ``targets`` are given, the losses. ``image_sizes``: each image's ``(h, w)``, ``(N, 2)``. ``targets``:
+        per image ``boxes`` ``(G, 4)``, ``labels`` ``(G,)`` (label 0: padding, matched by nothing) and
+        optional ``iscrowd`` ``(G,)``."""
         maps = [features[f] for f in self.in_features]
         anchors = self.anchors(maps)
         boxes, _, valid = self.propose(maps, anchors, image_sizes)
@@ -204,18 +205,18 @@ class RPN(nn.Module):
 
     @torch.no_grad()  # proposals carry no gradient; the losses recompute the head where they read it
     def propose(self, maps: list[torch.Tensor], anchors: torch.Tensor,
-                image_sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Proposals ``(N, P, 4)``, their objectness logits ``(N, P)`` and ``valid`` ``(N, P)``, best first
         per image (see ``select_proposals``), from the feature maps of ``in_features`` and their ``anchors``
         (``self.anchors(maps)``)."""
         logits, deltas = self.head(maps)
         per_level = [m.shape[-2] * m.shape[-1] * self.anchor_generator.num_anchors[0] for m in maps]
         logits, deltas = flatten_levels(logits, deltas)  # (N, A_total), (N, A_total, 4)
-        boxes = self.box_coder.decode(deltas, anchors.unsqueeze(0)).view(len(image_sizes), -1, 4)
+        boxes = self.box_coder.decode(deltas, anchors.unsqueeze(0)).view(maps[0].shape[0], -1, 4)
         return self.select_proposals(boxes, logits, image_sizes, per_level)
 
     def select_proposals(
-        self, boxes: torch.Tensor, logits: torch.Tensor, image_sizes: list[tuple[int, int]], per_level: list[int]
+        self, boxes: torch.Tensor, logits: torch.Tensor, image_sizes: torch.Tensor, per_level: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k per level, clip, drop tiny and low-scoring boxes, NMS within each image and level, keep the
         best ``post_nms_topk`` per image: torchvision's and detectron2's rule, at fixed sizes. Returns the
@@ -239,8 +240,7 @@ class RPN(nn.Module):
         index = torch.cat(top_indices, dim=1)
         levels = torch.cat(top_levels, dim=1)  # (N, K)
         logits = logits.gather(1, index)  # (N, K)
-        boxes = torch.stack([clip_boxes(b, size) for b, size in zip(boxes.gather(1, index[..., None].expand(-1, -1, 4)),
-                                                                     image_sizes)])  # (N, K, 4)
+        boxes = clip_boxes(boxes.gather(1, index[..., None].expand(-1, -1, 4)), image_sizes)  # (N, K, 4)
         scores = torch.sigmoid(logits)  # NMS ranks by probability, as torchvision does
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid = (widths >= self.min_size) & (heights >= self.min_size) & (widths > 0) & (heights > 0)
@@ -262,7 +262,7 @@ class RPN(nn.Module):
         labels, matched_boxes = [], []
         for target in targets:
             gt = target["boxes"]
-            matched, image_labels = self.matcher.match(box_iou(gt, anchors))
+            matched, image_labels = self.matcher.match(ground_truth_iou(target, anchors))
             if gt.shape[0] == 0:
                 matched_boxes.append(torch.zeros_like(anchors))
             else:

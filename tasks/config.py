@@ -64,6 +64,10 @@ class DataConfig:
     max_size_test: int = 1333
     flip_prob: float = 0.5
     num_workers: int = 4
+    # detection: [[H, W], ...], each batch padded to the smallest that holds it (rounded up to the backbone's
+    # size divisibility; a larger batch keeps its own size), so that a compiled model (train.compile) makes one
+    # graph a bucket, not one a batch shape; []: each batch padded to its own largest image
+    size_buckets: list[list[int]] = field(default_factory=list)
     # segmentation
     class_set: str = "coco80"  # "voc20", "coco80" or "all" (every category of the annotation file)
     min_pixels: int = 1000  # training skips images whose selected classes cover less (by COCO area)
@@ -108,6 +112,10 @@ class TrainConfig:
     # torch.compile the model for training (tasks/modeling/compiling.py: the dynamo settings under which a
     # detector is one graph); the first iterations compile, the weights and checkpoints stay the model's own
     compile: bool = False
+    # the backbone (and FPN) captured as CUDA graphs (tasks/modeling/compiling.py capture_cuda_graphs): one
+    # recorded graph per batch shape (data.size_buckets keeps them few) replayed with one launch; CUDA only,
+    # and not with train.compile (which compiles the backbone into its own graph)
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -293,6 +301,12 @@ def check_config(config: Config, task: Any) -> Config:
             raise ConfigError(f"{key} must be at least {least}, got {_value(config, key)}")
     if any(s < 1 for s in config.data.min_size_train) or not config.data.min_size_train:
         raise ConfigError(f"data.min_size_train must be a list of positive sizes, got {config.data.min_size_train}")
+    if config.train.cuda_graphs and config.train.compile:
+        raise ConfigError("train.cuda_graphs and train.compile: choose one (train.compile compiles the backbone "
+                          "into its own graph; train.cuda_graphs captures the backbone alone and runs the heads eagerly)")
+    if any(len(bucket) != 2 or min(bucket) < 1 for bucket in config.data.size_buckets):
+        raise ConfigError(f"data.size_buckets must be a list of [height, width] pairs of positive sizes, got "
+                          f"{config.data.size_buckets}")
     model = task.resolve_model(config.model)
     try:
         with torch.device("meta"):

@@ -76,13 +76,16 @@ class DetectorGraph(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
-        size = image.shape[-2:]
         normalized = normalize_image(image, model.pixel_mean, model.pixel_std, model.input_format, model.input_range)
         batch = pad_to_divisibility(normalized, model.backbone.size_divisibility)[None]  # (1, 3, H', W')
-        features = model.backbone(batch)
-        proposals, _ = model.rpn(features, [size])
-        (detections,), _ = model.roi_heads(features, proposals, [size])
+        (detections,) = model.network(batch, image_size(image))
         return detections["boxes"], detections["scores"], detections["labels"]
+
+
+def image_size(image: torch.Tensor) -> torch.Tensor:
+    """``(1, 2)``: the ``(h, w)`` of a ``(3, H, W)`` image as a tensor computed from its shape, so that a
+    trace or an export keeps it symbolic (a tensor made from the sizes as numbers would be a constant)."""
+    return torch.stack([torch.scalar_tensor(side, dtype=torch.float32) for side in image.shape[-2:]])[None]
 
 
 class SegmenterGraph(nn.Module):

@@ -89,3 +89,32 @@ def test_segmenter_and_classifier_are_one_graph():
             model.train()
             result = explained(lambda images, targets, m=model: sum(m(images, targets).values()), _images(), targets)
             assert (result.graph_count, result.graph_break_count) == (1, 0), type(model).__name__
+
+
+def _batch(sizes, box_counts, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=generator) for size in sizes]
+    targets = []
+    for (height, width), count in zip(sizes, box_counts):
+        corner = torch.rand(count, 2, generator=generator) * torch.tensor([width / 2, height / 2])
+        boxes = torch.cat([corner, corner + torch.tensor([width / 3, height / 3])], dim=1)
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 4, (count,), generator=generator)})
+    return images, targets
+
+
+def test_size_buckets_bound_the_graphs_a_run_compiles():
+    """``data.size_buckets``: batches of varied image sizes and box counts (within one power of two) compile one
+    static graph per bucket (dynamo's counter; the eager backend: the graphs, not inductor's code). Without
+    buckets each new combination of shapes would be a new graph (or a symbolic one)."""
+    from tasks.modeling.compiling import compile_model, compiled_graphs
+
+    torch.manual_seed(0)
+    model = tiny_detector("fpn").train()
+    model.size_buckets = [(160, 192), (192, 160)]
+    torch._dynamo.reset()
+    compiled = compile_model(model, backend="eager", dynamic=False)
+    before = compiled_graphs()
+    for sizes, counts in [([(128, 160), (150, 140)], [2, 1]), ([(140, 190), (120, 170)], [5, 3]),
+                          ([(190, 150), (100, 100)], [1, 8])]:  # two landscape batches, one portrait
+        sum(compiled(*_batch(sizes, counts)).values()).backward()
+    assert compiled_graphs() - before == 2

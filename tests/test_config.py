@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import ConfigError, load_config, to_yaml
+from tasks.registry import prepare_config
 
 
 def write(path, text):
@@ -102,3 +103,14 @@ def test_train_check_period_defaults_to_1_and_is_at_least_1():
     config = load_config(quickstart, ["train.check_period=0", "model.backbone.weights=null"])
     with pytest.raises(ConfigError, match="train.check_period must be at least 1, got 0"):
         check_config(config, get_task(config.task))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.size_buckets=[[800]]"], r"data.size_buckets must be a list of \[height, width\] pairs"),
+    (["data.size_buckets=[[800, 0]]"], r"data.size_buckets must be a list of \[height, width\] pairs"),
+    (["train.cuda_graphs=true", "train.compile=true"], "train.cuda_graphs and train.compile: choose one"),
+])
+def test_compile_settings_that_cannot_work_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare_config(load_config("configs/quickstart.yaml", overrides))
+    assert prepare_config(load_config("configs/quickstart.yaml", ["data.size_buckets=[[160, 192]]"])).data.size_buckets

@@ -7,6 +7,7 @@ Skipped where CUDA is absent. ``RESDET_TEST_DEVICE=cpu`` runs the same tests on 
 device-against-CPU comparisons then compare the CPU with itself): a dry run of this file's own code on a
 machine without a GPU."""
 
+import copy
 import os
 from pathlib import Path
 
@@ -290,7 +291,7 @@ def test_compiled_detector_gives_the_eager_detections_and_losses():
     from tasks.modeling.compiling import compile_model
 
     model = detector("fpn").to(DEVICE)
-    compiled = compile_model(model)
+    compiled = compile_model(copy.deepcopy(model))  # in place: a twin of the same weights
     images = photos(SIZES)
     with torch.no_grad():
         expected, got = model.eval()(images), compiled.eval()(images)
@@ -303,4 +304,32 @@ def test_compiled_detector_gives_the_eager_detections_and_losses():
             torch.manual_seed(0)
             losses.append({k: float(v) for k, v in run(images, on(DEVICE, TARGETS)).items()})
     assert losses[0].keys() == losses[1].keys()
+    assert all(abs(losses[0][k] - losses[1][k]) <= 1e-3 * max(1.0, abs(losses[0][k])) for k in losses[0]), losses
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need CUDA")
+def test_cuda_graph_backbone_gives_the_eager_detections_and_losses():
+    """``train.cuda_graphs`` (``capture_cuda_graphs``): the backbone recorded once, then replayed, gives the
+    eager model's detections and training losses (same weights, same seed)."""
+    from tasks.modeling.compiling import capture_cuda_graphs
+
+    model = detector("fpn", every_sample=True).to(DEVICE)
+    model.size_buckets = [(256, 320)]  # both sizes of photos(SIZES) padded to one static shape
+    captured = capture_cuda_graphs(copy.deepcopy(model))
+    images = photos(SIZES)
+    with torch.no_grad():
+        expected = model.eval()(images)
+        for _ in range(3):  # warm-up, record, replay
+            torch.compiler.cudagraph_mark_step_begin()
+            got = captured.eval()(images)
+    for reference, candidate in zip(expected, got):
+        match(reference, candidate, box_tol=0.01, score_tol=1e-4)
+    losses = []
+    for run in (model.train(), captured.train()):
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            torch.manual_seed(0)
+            step = run(images, on(DEVICE, TARGETS))
+            sum(step.values()).backward()
+        losses.append({k: float(v) for k, v in step.items()})
     assert all(abs(losses[0][k] - losses[1][k]) <= 1e-3 * max(1.0, abs(losses[0][k])) for k in losses[0]), losses

@@ -165,7 +165,7 @@ def test_rpn_losses_from_sampled_anchors_equal_the_full_head(channels_last):
 
     features = [m.detach().requires_grad_() for m in maps]
     torch.manual_seed(1)
-    _, losses = rpn.train()(dict(zip(["p2", "p3", "p4"], features)), [(128, 160)] * 2, targets)
+    _, losses = rpn.train()(dict(zip(["p2", "p3", "p4"], features)), torch.tensor([[128.0, 160.0]] * 2), targets)
     got = grads(losses, features + list(rpn.head.parameters()))
 
     # reference: the head over whole maps, then the anchors read out of its flattened outputs

@@ -18,6 +18,8 @@ from backbones.errors import UserError
 from tasks.detection import build_detector
 from tasks.detection.checkpoint import load_detector_weights
 from tasks.detection.data import CocoDetection, detection_transform
+from tasks.detection.model import pad_targets
+from tasks.modeling.batching import batch_images
 
 ROOT = Path(__file__).resolve().parents[1]
 TINYCOCO = ROOT.parent / "shared" / "data" / "tinycoco"
@@ -305,3 +307,35 @@ def test_drawings_colour_each_class_and_hide_low_scores():
     assert tuple(np.asarray(truth)[70, 10]) == class_color(1)  # ground truth: no scores, all drawn
     both = side_by_side(truth, Image.fromarray(drawn))
     assert both.size == (2 * 200 + 6, 120)
+
+
+def test_batches_are_padded_to_the_smallest_bucket_that_holds_them():
+    mean, std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
+    images = [torch.zeros(3, 100, 120, dtype=torch.uint8), torch.zeros(3, 90, 130, dtype=torch.uint8)]
+    assert batch_images(images, mean, std, 32)[0].shape[-2:] == (128, 160)  # its own size, rounded up
+    buckets = [(256, 256), (150, 170), (130, 500)]  # rounded up to (160, 192); the smallest area that holds it
+    batch, sizes = batch_images(images, mean, std, 32, buckets=buckets)
+    assert batch.shape[-2:] == (160, 192) and sizes == [(100, 120), (90, 130)]
+    assert batch_images(images, mean, std, 32, buckets=[(96, 500)])[0].shape[-2:] == (128, 160)  # none holds it
+
+
+def test_padded_targets_label_the_anchors_as_the_targets_themselves():
+    """``pad_targets``: the count a power of two from 8 up, label 0 (padding) matching nothing, so the RPN's
+    anchor labels and matched boxes and the RoI heads' labels equal those of the unpadded targets."""
+    model = tiny_detector("fpn")
+    targets = [{"boxes": torch.tensor([[10.0, 10, 60, 70], [80, 40, 150, 120], [0, 0, 30, 30]]),
+                "labels": torch.tensor([1, 2, 3]), "iscrowd": torch.tensor([0, 0, 1])},
+               {"boxes": torch.cat([corners := torch.rand(9, 2, generator=torch.Generator().manual_seed(0)) * 100,
+                                    corners + 40], dim=1), "labels": torch.ones(9, dtype=torch.int64)}]
+    padded = pad_targets(targets, torch.device("cpu"))
+    assert [len(t["boxes"]) for t in padded] == [16, 16] and padded[0]["labels"][3:].eq(0).all()
+    assert padded[1]["iscrowd"].eq(0).all() and set(padded[0]) == {"boxes", "labels", "iscrowd"}
+    assert len(pad_targets([targets[0]], torch.device("cpu"))[0]["boxes"]) == 8
+    maps = [torch.zeros(2, 8, 160 // s, 192 // s) for s in (4, 8, 16, 32, 64)]
+    anchors = model.rpn.anchors(maps)
+    for ours, theirs in zip(model.rpn.label_anchors(anchors, padded), model.rpn.label_anchors(anchors, targets)):
+        assert torch.equal(ours, theirs)
+    boxes = torch.cat([anchors[:500], targets[0]["boxes"]])
+    for target, plain in zip(padded[:1], targets[:1]):
+        assert all(torch.equal(a, b) for a, b in zip(model.roi_heads._label(boxes, target),
+                                                       model.roi_heads._label(boxes, plain)))

@@ -66,7 +66,7 @@ def test_zoo_checkpoint_gives_detectron2_outputs(name):
             batch, sizes = model.preprocess([image])
             features = model.backbone(batch)
             maps = [features[f] for f in model.rpn.in_features]
-            proposals, logits, _ = model.rpn.propose(maps, model.rpn.anchors(maps), sizes)
+            proposals, logits, _ = model.rpn.propose(maps, model.rpn.anchors(maps), torch.tensor(sizes, dtype=torch.float32))
             # the same top 50 proposals with the same logits; proposals whose logits tie to float rounding may
             # trade places, so each is looked up among our best 60
             top, top_logits = torch.tensor(expected["proposals_top50"]), torch.tensor(expected["proposal_logits_top50"])

@@ -1,7 +1,8 @@
 """Speed and memory of a config's model, optionally side by side with torchvision's equivalent detector.
 
     python tools/benchmark.py CONFIG --mode data [--synthetic-coco-train [IMAGES]]
-    python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision|onnxruntime|compiled [--weights FILE.onnx]]
+    python tools/benchmark.py CONFIG --mode train|infer|data [--compare torchvision|onnxruntime|compiled|cuda_graphs
+        [--weights FILE.onnx]]
         [--device cpu|cuda] [--batch-size B] [--size HxW] [--iters N] [--warmup W] [--mixed-precision no|bf16|fp16]
         [--output FILE.json] [--cpu-allocator default|retain] [key=value ...]
     python tools/benchmark.py --mode eval [--images 5000] [--per-image 100] [--output FILE.json]
@@ -24,7 +25,8 @@ C4 or DC5), depth and settings (``torchvision_detector``). ``--compare onnxrunti
 exported to ONNX in this run (``--weights FILE.onnx``: that file instead) on ONNX Runtime, ``time_ratio`` =
 ours / ONNX Runtime. ``--compare compiled`` runs the same model and weights through ``torch.compile``
 (``tasks/modeling/compiling.py``; inference with inductor's ``freezing``): ``time_ratio`` = eager / compiled,
-and the graphs and breaks dynamo made (compilation happens in the warm-up). Pretrained weights are not loaded: both models
+and the graphs and breaks dynamo made (compilation happens in the warm-up); ``--compare cuda_graphs`` (CUDA)
+the same model with its backbone captured as CUDA graphs (``train.cuda_graphs``). Pretrained weights are not loaded: both models
 start from random weights. ``--cpu-allocator retain`` makes glibc keep freed memory
 for reuse, which takes page-fault time (and its dependence on the other model) out of CPU figures.
 
@@ -80,7 +82,7 @@ from tasks.deploy import onnx_runner
 from tasks.detection.model import resolve_detector_config
 from tasks.engine import TrainingStream
 from tasks.evaluation.coco import coco_evaluate
-from tasks.modeling.compiling import compile_model
+from tasks.modeling.compiling import capture_cuda_graphs, compile_model
 from tasks.registry import get_task, prepare_config
 from tools.gpu_suite import gpu_suite
 from tools.syncs import count_model_syncs, torchvision_inputs
@@ -177,6 +179,7 @@ class Runner:
         self.optimizer = torch.optim.SGD(trainable, lr=1e-4, momentum=0.9) if trainable else None  # None: ONNX Runtime
         self.times: list[float] = []
         self.peak = 0
+        self.marks_steps = False  # CUDA graph trees: each step starts by marking that the last one's outputs are done
 
     def inputs(self, images, targets):
         if self.torchvision_api:  # torchvision takes float images in 0..1 on the model's device
@@ -186,6 +189,8 @@ class Runner:
 
     def step(self, images, targets) -> None:
         images, targets = self.inputs(images, targets)
+        if self.marks_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         if self.mode == "train":
@@ -227,13 +232,15 @@ class Runner:
 
     def summary(self, batch_size: int, height: int, width: int) -> dict:
         median = statistics.median(self.times)
-        model = getattr(self.model, "_orig_mod", self.model)  # a compiled model's FLOPs counted on its own eagerly
+        model = self.model
         params = sum(p.numel() for p in model.parameters())
         model.eval()
         images = [torch.zeros(3, height, width, dtype=torch.uint8)]
         images, _ = self.inputs(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
         # the sparse RoIAlign would be counted as a dense product
-        with torchvision_roi_align(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # a compiled model's FLOPs counted on its own code, run eagerly (no compilation for this one call)
+        with (torchvision_roi_align(model), torch.no_grad(), torch.compiler.set_stance("force_eager"),
+              FlopCounterMode(display=False) as counter):
             model(images)
         result = {
             "seconds_per_iteration": median,
@@ -265,6 +272,24 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def twin_runner(variant: str, model: torch.nn.Module, task, config, mode: str, device: torch.device,
+                autocast_dtype) -> Runner:
+    """The same model and weights run another way: through ``torch.compile`` (``compiled``; inference with
+    inductor's ``freezing``, the weights folded as constants), or with its backbone captured as CUDA graphs
+    (``cuda_graphs``)."""
+    if variant == "cuda_graphs" and device.type != "cuda":
+        raise UserError(f"--compare cuda_graphs captures CUDA graphs: it needs a CUDA device, not {device}")
+    twin = task.build_model(config, init_weights=False)
+    twin.load_state_dict(model.state_dict())
+    if variant == "compiled":
+        twin = compile_model(twin, options={"freezing": True} if mode == "infer" else None)
+    else:
+        twin = capture_cuda_graphs(twin.to(device))
+    runner = Runner(variant, twin, mode, device, autocast_dtype, False)
+    runner.marks_steps = variant == "cuda_graphs"
+    return runner
+
+
 def benchmark_models(args, config) -> dict:
     device = torch.device(args.device)
     height, width = (int(v) for v in args.size.lower().split("x"))
@@ -277,11 +302,8 @@ def benchmark_models(args, config) -> dict:
             raise UserError("--compare torchvision is implemented for detection configs")
         runners.append(Runner("torchvision", torchvision_detector(config, height, width), args.mode, device, autocast_dtype,
                               True))
-    if args.compare == "compiled":  # the same model and weights through torch.compile (inference: with freezing)
-        twin = task.build_model(config, init_weights=False)
-        twin.load_state_dict(runners[0].model.state_dict())
-        options = {"freezing": True} if args.mode == "infer" else None  # freezing: weights folded as constants
-        runners.append(Runner("compiled", compile_model(twin, options=options), args.mode, device, autocast_dtype, False))
+    if args.compare in ("compiled", "cuda_graphs"):
+        runners.append(twin_runner(args.compare, runners[0].model, task, config, args.mode, device, autocast_dtype))
     if args.compare == "onnxruntime":  # the same model exported (or --weights FILE.onnx), run on ONNX Runtime
         runners.append(Runner("onnxruntime", onnx_runner(runners[0].model, config, args.mode, args.weights),
                               args.mode, device, None, False))
@@ -523,7 +545,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--synthetic-coco-train", type=int, nargs="?", const=118287, default=0, metavar="IMAGES",
                         help="data: build the training dataset from a generated COCO-train2017-sized annotation file "
                              "(118,287 images unless given) instead of the config's; build time and memory only")
-    parser.add_argument("--compare", choices=["torchvision", "onnxruntime", "compiled"])
+    parser.add_argument("--compare", choices=["torchvision", "onnxruntime", "compiled", "cuda_graphs"])
     parser.add_argument("--weights", help="--compare onnxruntime: the exported .onnx file to run (default: ours, "
                                           "exported in this run)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda where there is one; --suite gpu: cuda)")

@@ -77,6 +77,7 @@ def gpu_suite(args) -> dict:
     run_side_by_side(suite)
     run_data_pipeline(suite)
     run_quickstart(suite)
+    run_variants(suite)
     return report(suite)
 
 
@@ -103,7 +104,8 @@ def setup(args) -> Suite:
 def remove_earlier_results(out: Path) -> None:
     """Delete what this suite wrote to ``out`` before, and nothing else."""
     written = ["report.json", "cuda_tests.xml", "data_r50-fpn.json",
-               *(f"{mode}_{name.lower()}.json" for _, name in GPU_SUITE_MODELS for mode in ("train", "infer"))]
+               *(f"{mode}_{name.lower()}.json" for _, name in GPU_SUITE_MODELS for mode in ("train", "infer")),
+               *(f"train_r50-fpn_{variant}.json" for variant in VARIANTS)]
     for earlier in ("logs", "quickstart", "synthetic"):
         shutil.rmtree(out / earlier, ignore_errors=True)
     for earlier in written:
@@ -160,6 +162,25 @@ def run_quickstart(suite: Suite) -> None:
     quickstart = suite.step("quickstart", quick + (["train.max_iters=4", "train.checkpoint_period=0"] if suite.dry_run else []))
     metrics = suite.out / "quickstart" / "metrics.json"
     quickstart["metrics"] = json.loads(metrics.read_text()) if metrics.is_file() else None
+
+
+VARIANTS = ("compiled", "cuda_graphs")  # tools/benchmark.py --compare choices: the same model, another way to run it
+
+
+def run_variants(suite: Suite) -> None:
+    """Step 5: R50-FPN's training step eager against ``torch.compile`` and against the CUDA-graph backbone
+    (``train.cuda_graphs``), bf16, side by side. Not in a dry run: inductor's compilation takes the CPU
+    minutes, and CUDA graphs need CUDA."""
+    common = ["--device", suite.device, "--size", suite.size, "--iters", str(suite.iters), "--warmup", str(suite.warmup)]
+    for variant in VARIANTS:
+        key = f"train R50-FPN {variant}"
+        if suite.dry_run:
+            suite.steps[key] = {"skipped": "dry run"}
+            continue
+        path = suite.out / f"train_r50-fpn_{variant}.json"
+        suite.step(key, ["tools/benchmark.py", "configs/frcnn_r50.yaml", "--mode", "train", "--compare", variant,
+                         "--mixed-precision", "bf16", *common, "--output", str(path)])
+        suite.figures[key] = results_of(path)
 
 
 def figure(figures: dict, key: str, *fields: str):

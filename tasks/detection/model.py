@@ -6,6 +6,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backbones import FPN, Backbone
@@ -22,7 +23,8 @@ class FasterRCNN(nn.Module):
 
     ``forward(images, targets=None, original_sizes=None)``:
     - ``images``: a list of ``(3, H, W)`` RGB tensors, ``uint8`` in 0..255 or float in 0..1 (sizes may
-      differ; the batch is padded to the backbone's ``size_divisibility`` after normalization). The
+      differ; the batch is padded to the backbone's ``size_divisibility`` after normalization, or to the
+      smallest of ``size_buckets`` that holds it). The
       network's own convention (``input_format``, ``input_range``: BGR in 0..255 for detectron2's and
       MSRA's weights) is applied inside, with ``pixel_mean``/``pixel_std`` in its units;
     - training (``model.train()``): ``targets`` (per image ``boxes`` (G, 4) x1y1x2y2 in input pixels,
@@ -42,9 +44,11 @@ class FasterRCNN(nn.Module):
         channels_last: bool = False,
         input_format: str = "RGB",
         input_range: float = 1.0,
+        size_buckets: Sequence[tuple[int, int]] = (),
     ):
         super().__init__()
         self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
+        self.size_buckets = [tuple(bucket) for bucket in size_buckets]  # (H, W) a batch is padded to (data.size_buckets)
         self.channels_last = channels_last
         self.input_format, self.input_range = input_format, input_range
         if channels_last:  # NHWC convolutions: much faster with oneDNN on the CPU and with cuDNN on tensor cores
@@ -57,9 +61,10 @@ class FasterRCNN(nn.Module):
         return self.roi_heads.num_classes
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Normalize each image, then pad all to one ``(N, 3, H, W)`` batch (zeros, bottom and right)."""
+        """Normalize each image, then pad all to one ``(N, 3, H, W)`` batch (zeros, bottom and right), of the
+        smallest of ``size_buckets`` that holds it where they are set."""
         return batch_images(images, self.pixel_mean, self.pixel_std, self.backbone.size_divisibility,
-                            self.channels_last, self.input_format, self.input_range)
+                            self.channels_last, self.input_format, self.input_range, self.size_buckets)
 
     def forward(
         self,
@@ -70,21 +75,49 @@ class FasterRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("FasterRCNN in training mode needs targets (call model.eval() for detections)")
         batch, sizes = self.preprocess(images)
-        features = self.backbone(batch)
+        # queued copies (no host wait): the sizes from the host, the targets from the DataLoader's pinned memory
+        image_sizes = torch.tensor(sizes, dtype=torch.float32).to(batch.device, non_blocking=True)
         if self.training:
-            # non_blocking: from the DataLoader's pinned memory the copies are queued, the host does not wait
-            targets = [{k: v.to(batch.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                       for t in targets]
-            proposals, rpn_losses = self.rpn(features, sizes, targets)  # proposals: (boxes, valid)
-            _, roi_losses = self.roi_heads(features, proposals, sizes, targets)
-            return {**rpn_losses, **roi_losses}
-        proposals, _ = self.rpn(features, sizes)
-        detections, _ = self.roi_heads(features, proposals, sizes)
+            return self.network(batch, image_sizes, pad_targets(targets, batch.device))
+        detections = self.network(batch, image_sizes)
         if original_sizes is not None:
             detections = detections.replace(boxes=torch.stack([
                 rescale_boxes(boxes, size, original)
                 for boxes, size, original in zip(detections.fields["boxes"], sizes, original_sizes)]))
         return detections
+
+    def network(self, batch: torch.Tensor, image_sizes: torch.Tensor,
+                targets: list[dict[str, torch.Tensor]] | None = None):
+        """What runs on the device, from a padded batch ``(N, 3, H, W)``, the images' ``(h, w)`` ``(N, 2)`` and,
+        in training, the padded targets (``pad_targets``) to the losses or the ``Detections``: tensors in,
+        tensors out, whose shapes are the batch's and the targets' padded ones. What ``train.compile``
+        compiles (``tasks/modeling/compiling.py``): one graph per batch shape and target count."""
+        features = self.backbone(batch)
+        if self.training:
+            proposals, rpn_losses = self.rpn(features, image_sizes, targets)  # proposals: (boxes, valid)
+            _, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
+            return {**rpn_losses, **roi_losses}
+        proposals, _ = self.rpn(features, image_sizes)
+        detections, _ = self.roi_heads(features, proposals, image_sizes)
+        return detections
+
+
+def pad_targets(targets: Sequence[dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Each image's ``boxes``, ``labels`` and ``iscrowd`` (zeros where absent), padded with label 0 (matched
+    by nothing: the classes are 1..K) to one count for the batch, the next power of two from 8 up that holds
+    its largest: the count of a compiled graph's inputs takes few values. On ``device``, copied non-blocking
+    (the DataLoader's pinned memory: the host does not wait). Nothing else of a target goes to the device."""
+    count = max([len(t["boxes"]) for t in targets] + [8])
+    count = 1 << (count - 1).bit_length()
+    padded = []
+    for target in targets:
+        boxes, labels = target["boxes"], target["labels"]
+        crowd = target.get("iscrowd", torch.zeros_like(labels))
+        extra = count - len(boxes)
+        padded.append({"boxes": F.pad(boxes.to(device, non_blocking=True), [0, 0, 0, extra]),
+                       "labels": F.pad(labels.to(device, non_blocking=True), [0, extra]),
+                       "iscrowd": F.pad(crowd.to(device, non_blocking=True), [0, extra])})
+    return padded
 
 
 def rescale_boxes(boxes: torch.Tensor, size: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:

@@ -40,6 +40,7 @@ class DetectionTask:
         ``detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x``: everything loads strictly except the class and
         box predictors where the class count differs, for fine-tuning) or, without one, from the backbone's."""
         model = build_detector(config.model, init_weights=init_weights)
+        model.size_buckets = [tuple(bucket) for bucket in config.data.size_buckets]
         weights = config.model.get("weights")
         if init_weights and weights:
             load_detector_weights(model, weights, new_classes=True)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from backbones.errors import TrainingInterrupted, UserError, UserFileNotFoundError
 from tasks.config import Config, TrainConfig, check_config, to_yaml
 from tasks.data.images import worker_leaves_stops_to_its_process
-from tasks.modeling.compiling import compile_model
+from tasks.modeling.compiling import capture_cuda_graphs, compile_model, compiled_graphs
 
 from .checkpoints import CheckpointDir, write_json
 from .protocol import Task
@@ -196,7 +196,13 @@ def _setup(task: Task, config: Config, accelerator: Accelerator, checkpoints: Ch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train))
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.train.compile:  # after prepare (compile(DDP(model)), as accelerate orders it); checkpoints hold the model
-        model = compile_model(model)
+        # with size buckets every graph is of one static shape; without, dynamo makes the shapes symbolic
+        model = compile_model(model, dynamic=False if config.data.size_buckets else None)
+    if config.train.cuda_graphs:
+        if accelerator.device.type != "cuda":
+            raise UserError(f"train.cuda_graphs captures CUDA graphs: it needs a CUDA device, this run has "
+                            f"{accelerator.device}")
+        model = capture_cuda_graphs(model)
     progress = _Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
     if resume_from is not None:
@@ -258,6 +264,8 @@ def _step(run: _Run, stop: StopSignals) -> bool:
         if len(run.seen_images) < 64:
             run.seen_images.extend(t.get("image_id", -1) for t in targets)
         with accelerator.accumulate(model):
+            if cfg.cuda_graphs:  # the last replay's outputs are done with: the next may reuse their memory
+                torch.compiler.cudagraph_mark_step_begin()
             losses = model(images, targets)  # "loss*" terms are optimized; other entries are only logged
             loss = sum(v for k, v in losses.items() if k.startswith("loss"))
             run.checks.non_finite = run.checks.non_finite + (~torch.isfinite(loss.detach())).float()
@@ -345,6 +353,8 @@ def _log(run: _Run, bar: tqdm) -> None:
     scalars["loss"] = sum(v for k, v in scalars.items() if k.startswith("loss"))
     elapsed = time.perf_counter() - window.start
     scalars.update(lr=run.scheduler.get_last_lr()[0], iters_per_second=window.iterations / max(elapsed, 1e-9))
+    if run.config.train.compile:  # how many graphs the run has compiled so far (data.size_buckets bounds them)
+        scalars["compiled_graphs"] = compiled_graphs()
     if accelerator.is_main_process:
         with open(run.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"iteration": run.progress.iteration, **scalars}) + "\n")

@@ -19,8 +19,10 @@ import torch
 import torch._dynamo
 from torch import nn
 
-# what ``compile_model`` sets (for the whole process: dynamo reads them when a call first compiles)
-DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+# what ``compile_model`` sets (for the whole process: dynamo reads them when a call first compiles). The
+# recompile limit: a run's graphs are one per batch shape (data.size_buckets), target count (a power of two)
+# and mode, which can be more than dynamo's 8 (past it dynamo would run the rest eagerly)
+DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True, "recompile_limit": 64}
 
 
 @contextlib.contextmanager
@@ -31,10 +33,34 @@ def compile_settings() -> Iterator[None]:
 
 
 def compile_model(model: nn.Module, **options) -> nn.Module:
-    """``torch.compile(model, **options)`` under ``DYNAMO_SETTINGS``. The result's parameters are the model's;
-    its state dict's keys have the prefix ``_orig_mod.``: save ``model`` itself (or accelerate's
-    ``unwrap_model(..., keep_torch_compile=False)``). The settings are set process-wide: dynamo reads them
-    when the compiled model is first called, not when ``torch.compile`` wraps it."""
+    """``torch.compile`` under ``DYNAMO_SETTINGS``, of what the model runs on the device: its ``network``
+    method where it has one (the detector: from the padded batch on, so that neither the images' own sizes
+    nor the host's bookkeeping enter a graph; the model is returned, its state dict unchanged), else the whole
+    model (the result's state dict has the prefix ``_orig_mod.``: save ``model`` itself, or accelerate's
+    ``unwrap_model(..., keep_torch_compile=False)``). A DDP-wrapped model's own module is compiled. The
+    settings are set process-wide: dynamo reads them when a compiled call first runs."""
     for key, value in DYNAMO_SETTINGS.items():
         setattr(torch._dynamo.config, key, value)
+    inner = getattr(model, "module", model)  # DistributedDataParallel's
+    if callable(getattr(inner, "network", None)):
+        inner.network = torch.compile(inner.network, **options)
+        return model
     return torch.compile(model, **options)
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process (a recompile makes one more)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def capture_cuda_graphs(model: nn.Module) -> nn.Module:
+    """The model's backbone (with its FPN) run as CUDA graphs, in place (the state dict unchanged): compiled
+    whole (``fullgraph``) with static shapes in inductor's ``reduce-overhead`` mode, whose CUDA graph trees
+    record one graph per input shape and replay it with one launch, the hundreds of kernel launches of a
+    ResNet gone from the host's work. Few shapes is what makes this pay: ``data.size_buckets``. The captured
+    outputs' memory is reused by the next replay, so a training loop marks each step's start
+    (``torch.compiler.cudagraph_mark_step_begin``, as the engine does). A DDP-wrapped model's own module."""
+    for key, value in DYNAMO_SETTINGS.items():
+        setattr(torch._dynamo.config, key, value)
+    getattr(model, "module", model).backbone.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return model
