@@ -83,7 +83,7 @@ def test_batched_nms_keeps_groups_apart_at_float32_precision():
 def detector_and_batch(layout: str):
     """Our detector of the layout (ResNet-18 FPN and C4, ResNet-50 DC5: torchvision's basic blocks cannot be
     dilated), its config and a batch of two small images with their targets."""
-    depth, (height, width) = (50, (128, 160)) if layout == "dc5" else (18, (192, 256))
+    depth, (height, width) = (50 if layout == "dc5" else 18), (128, 160)
     config = prepare_config(load_config("configs/frcnn_r50.yaml", [
         f"model.layout={layout}", f"model.backbone.depth={depth}", "model.backbone.weights=null", "model.num_classes=3",
         "model.roi_heads.batch_size_per_image=64", "model.rpn.post_nms_topk=[200,100]"]))  # fewer RoIs: faster, same syncs
