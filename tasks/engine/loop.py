@@ -195,7 +195,7 @@ def _setup(task: Task, config: Config, accelerator: Accelerator, checkpoints: Ch
     optimizer = _optimizer(model, config.train, accelerator.num_processes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train))
     model, optimizer = accelerator.prepare(model, optimizer)
-    if config.train.compile:  # after prepare (compile(DDP(model)), as accelerate orders it); checkpoints hold the model
+    if config.train.compile:  # after prepare (a DDP wrapper's own module is compiled); checkpoints hold the model
         # with size buckets every graph is of one static shape; without, dynamo makes the shapes symbolic
         model = compile_model(model, dynamic=False if config.data.size_buckets else None)
     if config.train.cuda_graphs:
@@ -391,8 +391,9 @@ def _evaluate(run: _Run) -> dict[str, float]:
 
 
 def _plain(run: _Run) -> nn.Module:
-    """The model itself: without the DDP wrapper and without ``torch.compile``'s (its state dict's names are the
-    model's own; evaluation runs it eagerly)."""
+    """The model itself: without the DDP wrapper and without a whole-model ``torch.compile`` wrapper (its state
+    dict's names are the model's own). A detector compiled in place (its ``network``) stays so: its
+    evaluation runs the compiled network."""
     return run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
 
 

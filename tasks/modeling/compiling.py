@@ -32,6 +32,12 @@ def compile_settings() -> Iterator[None]:
         yield
 
 
+def _set_process_wide() -> None:
+    """``DYNAMO_SETTINGS`` for the rest of the process (a compiled call reads them when it first runs)."""
+    for key, value in DYNAMO_SETTINGS.items():
+        setattr(torch._dynamo.config, key, value)
+
+
 def compile_model(model: nn.Module, **options) -> nn.Module:
     """``torch.compile`` under ``DYNAMO_SETTINGS``, of what the model runs on the device: its ``network``
     method where it has one (the detector: from the padded batch on, so that neither the images' own sizes
@@ -39,8 +45,7 @@ def compile_model(model: nn.Module, **options) -> nn.Module:
     model (the result's state dict has the prefix ``_orig_mod.``: save ``model`` itself, or accelerate's
     ``unwrap_model(..., keep_torch_compile=False)``). A DDP-wrapped model's own module is compiled. The
     settings are set process-wide: dynamo reads them when a compiled call first runs."""
-    for key, value in DYNAMO_SETTINGS.items():
-        setattr(torch._dynamo.config, key, value)
+    _set_process_wide()
     inner = getattr(model, "module", model)  # DistributedDataParallel's
     if callable(getattr(inner, "network", None)):
         inner.network = torch.compile(inner.network, **options)
@@ -60,7 +65,6 @@ def capture_cuda_graphs(model: nn.Module) -> nn.Module:
     ResNet gone from the host's work. Few shapes is what makes this pay: ``data.size_buckets``. The captured
     outputs' memory is reused by the next replay, so a training loop marks each step's start
     (``torch.compiler.cudagraph_mark_step_begin``, as the engine does). A DDP-wrapped model's own module."""
-    for key, value in DYNAMO_SETTINGS.items():
-        setattr(torch._dynamo.config, key, value)
+    _set_process_wide()
     getattr(model, "module", model).backbone.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)
     return model
