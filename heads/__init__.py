@@ -1,8 +1,9 @@
-"""Heads: what turns backbone features into proposals, boxes and class scores (and their losses)."""
+"""Heads: what turns backbone features into proposals, boxes, class scores and instance masks (and their losses)."""
 
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, Matcher, box_loss, sample_balanced
 from .detections import Detections
+from .mask_head import MASK_RULES, MaskHead, paste_masks
 from .roi_heads import FastRCNNPredictor, FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler, torchvision_roi_align
 from .rpn import RPN, RPNHead
 
@@ -12,6 +13,8 @@ __all__ = [
     "Detections",
     "FCBoxHead",
     "FastRCNNPredictor",
+    "MASK_RULES",
+    "MaskHead",
     "Matcher",
     "RPN",
     "RPNHead",
@@ -19,6 +22,7 @@ __all__ = [
     "RoIHeads",
     "RoIPooler",
     "box_loss",
+    "paste_masks",
     "sample_balanced",
     "torchvision_roi_align",
 ]

@@ -22,6 +22,7 @@ from backbones import ShapeSpec
 
 from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, ground_truth_iou, sample_balanced, sampled_indices
 from .detections import Detections
+from .mask_head import MASK_RULES, MaskHead, class_masks, mask_loss, mask_targets
 from .roi_align import sparse_roi_align
 
 POOLER_IMPLS = ("auto", "torchvision", "sparse")
@@ -134,15 +135,19 @@ class FCBoxHead(nn.Module):
 
 
 class Res5BoxHead(nn.Module):
-    """The C4 head: a ResNet ``res5`` stage over the pooled ``res4`` features, then global average pooling."""
+    """The C4 head: a ResNet ``res5`` stage over the pooled ``res4`` features, then global average pooling
+    (``forward``); ``feature_map`` is the ``res5`` output before the pooling, what C4's mask head reads."""
 
     def __init__(self, res5: nn.Module, out_channels: int):
         super().__init__()
         self.res5 = res5
         self.out_channels = out_channels
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res5(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.res5(x).mean(dim=(2, 3))
+        return self.feature_map(x).mean(dim=(2, 3))
 
 
 class FastRCNNPredictor(nn.Module):
@@ -162,7 +167,7 @@ class FastRCNNPredictor(nn.Module):
 
 
 class RoIHeads(nn.Module):
-    """Box classification and regression on proposals.
+    """Box classification and regression on proposals, and with a ``mask_head`` instance masks (Mask R-CNN).
 
     Training: the ground-truth boxes join the proposals; proposals are matched (IoU >= ``fg_iou``: the
     ground truth's class; below ``bg_iou``: background; matched to a crowd box: ignored), a balanced
@@ -170,6 +175,14 @@ class RoIHeads(nn.Module):
     class. Inference: softmax scores, class-specific boxes clipped to the image, score threshold, boxes
     with a side below ``min_size`` dropped (torchvision: 0.01; detectron2 keeps all: 0), per-class NMS,
     the best ``detections_per_image``.
+
+    Masks: the mask head reads ``mask_pooler``'s regions, or (``mask_pooler=None``: C4) the ``res5`` map of
+    the box head's. In training it sees the sampled positives, at a fixed count per image (at most
+    ``batch_size_per_image * positive_fraction`` are positive: that many slots, the empty ones weighing
+    nothing), and its loss is the binary cross-entropy of the ground-truth class's map against
+    ``mask_targets``; at inference it sees the final detections, and ``mask_probs`` ``(N, D, M, M)`` (the
+    sigmoid of each detection's class map) joins them. ``mask_rules`` names the target convention
+    (``heads/mask_head.py``).
     """
 
     def __init__(
@@ -191,8 +204,15 @@ class RoIHeads(nn.Module):
         smooth_l1_beta: float = 1.0 / 9,
         min_size: float = 1e-2,
         topk_candidates: int | None = None,
+        mask_head: MaskHead | None = None,
+        mask_pooler: RoIPooler | None = None,
+        mask_rules: str = "torchvision",
     ):
         super().__init__()
+        if mask_rules not in MASK_RULES:
+            raise ValueError(f"mask rules must be one of {', '.join(MASK_RULES)}, got {mask_rules!r}")
+        if mask_head is not None and mask_pooler is None and not isinstance(box_head, Res5BoxHead):
+            raise ValueError("a mask head without its own pooler reads the res5 box head's map (C4)")
         missing = [f for f in in_features if f not in input_shapes]
         if missing:
             raise ValueError(f"RoI heads in_features {missing} are not among the backbone outputs {list(input_shapes)}")
@@ -207,6 +227,12 @@ class RoIHeads(nn.Module):
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
         self.box_loss_type, self.smooth_l1_beta = box_loss_type, smooth_l1_beta
         self.min_size, self.topk_candidates = min_size, topk_candidates
+        self.mask_head, self.mask_pooler, self.mask_rules = mask_head, mask_pooler, mask_rules
+
+    @property
+    def shares_res5(self) -> bool:
+        """C4's mask head: it reads the box head's ``res5`` map of the same regions."""
+        return self.mask_head is not None and self.mask_pooler is None
 
     def forward(
         self,
@@ -217,25 +243,67 @@ class RoIHeads(nn.Module):
     ) -> tuple[Detections | None, dict[str, torch.Tensor]]:
         """``proposals``: the RPN's ``(boxes (N, P, 4), valid (N, P))``; ``image_sizes``: ``(h, w)`` per image
         ``(N, 2)``; ``targets`` as the RPN takes them (label 0: padding). Training: ``(None, losses)``;
-        inference: ``(detections, {})``, per image ``{"boxes", "scores", "labels"}``."""
+        inference: ``(detections, {})``, per image ``{"boxes", "scores", "labels"}`` (and ``mask_probs``).
+        With a mask head the targets carry ``masks`` ``(G, H, W)`` in the batch's padded pixels."""
         boxes, valid = proposals
         if targets is not None:
-            boxes, labels, regression_targets = self.sample_proposals(boxes, valid, targets)
+            boxes, labels, regression_targets, matched = self.sample_proposals(boxes, valid, targets)
         maps = [features[f] for f in self.in_features]
-        x = self.box_head(self.pooler(maps, boxes))
+        pooled = self.pooler(maps, boxes)
+        res5_map = self.box_head.feature_map(pooled) if self.shares_res5 else None
+        x = res5_map.mean(dim=(2, 3)) if res5_map is not None else self.box_head(pooled)
         class_logits, box_deltas = self.predictor(x)
         if targets is not None:
-            return None, self.losses(class_logits, box_deltas, labels.flatten(), regression_targets.flatten(0, 1))
-        return self.detect(class_logits, box_deltas, boxes, valid, image_sizes), {}
+            losses = self.losses(class_logits, box_deltas, labels.flatten(), regression_targets.flatten(0, 1))
+            if self.mask_head is not None:
+                losses["loss_mask"] = self.mask_losses(features, boxes, labels, matched, targets, res5_map)
+            return None, losses
+        detections = self.detect(class_logits, box_deltas, boxes, valid, image_sizes)
+        if self.mask_head is not None:
+            detections = self.detect_masks(features, detections)
+        return detections, {}
+
+    def _mask_logits(self, features: dict[str, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """The mask head's logits ``(N * R, K, M, M)`` for the regions ``boxes`` ``(N, R, 4)``."""
+        maps = [features[f] for f in self.in_features]
+        if self.shares_res5:
+            return self.mask_head(self.box_head.feature_map(self.pooler(maps, boxes)))
+        return self.mask_head(self.mask_pooler(maps, boxes))
+
+    def mask_losses(self, features: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.Tensor,
+                    matched: torch.Tensor, targets: list[dict[str, torch.Tensor]],
+                    res5_map: torch.Tensor | None) -> torch.Tensor:
+        """The mask loss over each image's sampled positives (``boxes`` ``(N, S, 4)``, ``labels`` ``(N, S)``,
+        ``matched`` ground truth ``(N, S)``), taken at a fixed count per image: the positive slots."""
+        num_images, per_image = labels.shape
+        slots = min(per_image, int(self.batch_size_per_image * self.positive_fraction))
+        index, positive = sampled_indices(labels > 0, slots)  # (N, P): the positives first
+        mask_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+        if res5_map is not None:  # C4: the box head's res5 map of the same regions
+            rows = (index + torch.arange(num_images, device=index.device)[:, None] * per_image).flatten()
+            logits = self.mask_head(res5_map[rows])
+        else:
+            logits = self._mask_logits(features, mask_boxes)
+        logits = class_masks(logits, labels.gather(1, index).flatten())
+        gt_masks = torch.stack([t["masks"] for t in targets])  # (N, G, H, W)
+        goal = mask_targets(gt_masks, matched.gather(1, index), mask_boxes, logits.shape[-1], self.mask_rules)
+        return mask_loss(logits, goal, positive.flatten().to(logits.dtype))
+
+    def detect_masks(self, features: dict[str, torch.Tensor], detections: Detections) -> Detections:
+        """``mask_probs`` ``(N, D, M, M)``: the sigmoid of each detection's class map."""
+        boxes, labels = detections.fields["boxes"], detections.fields["labels"]
+        logits = class_masks(self._mask_logits(features, boxes), labels.flatten())
+        return detections.replace(mask_probs=logits.sigmoid().view(*labels.shape, *logits.shape[1:]))
 
     @torch.no_grad()
     def sample_proposals(
         self, proposals: torch.Tensor, valid: torch.Tensor, targets: list[dict[str, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The ground-truth boxes join the ``valid`` proposals ``(N, P, 4)``; a balanced sample of them:
         boxes ``(N, S, 4)``, class labels ``(N, S)`` (0: background; -1: not sampled, where an image has
-        fewer than ``S`` to sample) and regression targets ``(N, S, 4)``, ``S = batch_size_per_image``
-        (or all candidates if fewer). Crowd boxes join as candidates never sampled."""
+        fewer than ``S`` to sample), regression targets ``(N, S, 4)`` and the index of the ground truth each
+        is matched to ``(N, S)``, ``S = batch_size_per_image`` (or all candidates if fewer). Crowd boxes
+        join as candidates never sampled."""
         num_gt = max(len(t["boxes"]) for t in targets)
         gt_boxes = proposals.new_zeros((len(targets), num_gt, 4))
         gt_ok = torch.zeros((len(targets), num_gt), dtype=torch.bool, device=proposals.device)
@@ -245,31 +313,33 @@ class RoIHeads(nn.Module):
             gt_ok[i, :count] = ~target.get("iscrowd", torch.zeros_like(target["labels"])).bool() & (target["labels"] > 0)
         candidates = torch.cat([proposals, gt_boxes], dim=1)  # (N, P + G, 4)
         usable = torch.cat([valid, gt_ok], dim=1)
-        labels, matched_boxes = [], []
+        labels, matched_boxes, matched_index = [], [], []
         for boxes, ok, target in zip(candidates, usable, targets):
-            cls, matched = self._label(boxes, target)
+            cls, matched, index = self._label(boxes, target)
             labels.append(cls.masked_fill(~ok, -1))
             matched_boxes.append(matched)
-        labels, matched_boxes = torch.stack(labels), torch.stack(matched_boxes)
+            matched_index.append(index)
+        labels, matched_boxes, matched_index = torch.stack(labels), torch.stack(matched_boxes), torch.stack(matched_index)
         foreground = (labels > 0).long() - (labels < 0).long()  # 1 foreground, 0 background, -1 ignored
         positive, negative = sample_balanced(foreground, self.batch_size_per_image, self.positive_fraction)
         index, sampled = sampled_indices(positive | negative, self.batch_size_per_image)  # (N, S)
         index4 = index[..., None].expand(-1, -1, 4)
         boxes = candidates.gather(1, index4)
         regression_targets = self.box_coder.encode(matched_boxes.gather(1, index4), boxes)
-        return boxes, labels.gather(1, index).masked_fill(~sampled, -1), regression_targets
+        return (boxes, labels.gather(1, index).masked_fill(~sampled, -1), regression_targets,
+                matched_index.gather(1, index))
 
-    def _label(self, boxes: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _label(self, boxes: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One image's candidates ``(B, 4)``: class labels (0 background, -1 ignored: between the IoU
-        thresholds or matched to a crowd box) and matched ground-truth boxes ``(B, 4)``."""
+        thresholds or matched to a crowd box), matched ground-truth boxes ``(B, 4)`` and their index ``(B,)``."""
         gt, gt_labels = target["boxes"], target["labels"]
         matched, match_labels = self.matcher.match(ground_truth_iou(target, boxes))
         if not gt.shape[0]:
-            return torch.zeros_like(matched), torch.zeros_like(boxes)
+            return torch.zeros_like(matched), torch.zeros_like(boxes), matched
         crowd = target.get("iscrowd", torch.zeros_like(gt_labels)).bool()
         cls = torch.where(match_labels == 1, gt_labels[matched], torch.zeros_like(matched))
         cls = cls.masked_fill((match_labels == -1) | (crowd[matched] & (match_labels != 0)), -1)
-        return cls, gt[matched]
+        return cls, gt[matched], matched
 
     def losses(
         self, class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor, regression_targets: torch.Tensor

@@ -36,7 +36,7 @@ from torch import nn
 from torch.export import Dim
 
 from backbones.errors import UserError
-from heads import Detections, torchvision_roi_align
+from heads import Detections, paste_masks, torchvision_roi_align
 from tasks.detection.model import rescale_boxes
 from tasks.modeling.batching import normalize_image
 from tasks.modeling.compiling import compile_settings
@@ -67,7 +67,8 @@ def pad_to_divisibility(image: torch.Tensor, divisor: int) -> torch.Tensor:
 
 class DetectorGraph(nn.Module):
     """What is exported of a ``FasterRCNN``: one ``uint8`` image ``(3, H, W)`` -> ``boxes`` ``(D, 4)`` in
-    its pixels, ``scores`` ``(D,)``, ``labels`` ``(D,)``. The model's own modules, called as its
+    its pixels, ``scores`` ``(D,)``, ``labels`` ``(D,)`` and, for a Mask R-CNN, ``mask_probs`` ``(D, M, M)``
+    (each detection's mask in its box, before the paste). The model's own modules, called as its
     ``forward`` calls them on a batch of one."""
 
     def __init__(self, model: nn.Module):
@@ -79,7 +80,12 @@ class DetectorGraph(nn.Module):
         normalized = normalize_image(image, model.pixel_mean, model.pixel_std, model.input_format, model.input_range)
         batch = pad_to_divisibility(normalized, model.backbone.size_divisibility)[None]  # (1, 3, H', W')
         (detections,) = model.network(batch, image_size(image))
-        return detections["boxes"], detections["scores"], detections["labels"]
+        return tuple(detections[name] for name in detector_outputs(model))
+
+
+def detector_outputs(model: nn.Module) -> list[str]:
+    """The exported detector's outputs, by name."""
+    return ["boxes", "scores", "labels"] + (["mask_probs"] if model.has_masks else [])
 
 
 def image_size(image: torch.Tensor) -> torch.Tensor:
@@ -139,7 +145,9 @@ def export_onnx(model: nn.Module, task: str, path: str | Path, metadata: Mapping
     device = next(model.parameters()).device
     if task == "detection":
         graph: nn.Module = DetectorGraph(model)
-        outputs = ["boxes", "scores", "labels"]
+        outputs = detector_outputs(model)
+        if model.has_masks:
+            metadata = {**metadata, "resdet.mask_rules": model.roi_heads.mask_rules}
         dynamic = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in outputs}}
     elif task == "segmentation":
         graph = SegmenterGraph(model, logits)
@@ -244,11 +252,14 @@ class OnnxModel(nn.Module):
 
 class OnnxDetector(OnnxModel):
     """An exported detector, called as ``FasterRCNN`` in eval mode: ``(images, original_sizes=None)`` ->
-    ``Detections``, per image ``{"boxes", "scores", "labels"}``, boxes rescaled to ``original_sizes`` when
+    ``Detections``, per image ``{"boxes", "scores", "labels"}`` (a Mask R-CNN's also ``mask_probs``, pasted by
+    ``paste_masks`` as the model it was exported from pastes them), boxes rescaled to ``original_sizes`` when
     given."""
 
     def __init__(self, path: str | Path, threads: int = 0):
         super().__init__(path, "detection", threads)
+        self.has_masks = "mask_probs" in self.outputs
+        self.mask_rules = self.metadata.get("resdet.mask_rules", "torchvision")
         self.categories = {int(k): int(v) for k, v in json.loads(self.metadata.get("resdet.categories", "{}")).items()}
 
     @property
@@ -263,6 +274,10 @@ class OnnxDetector(OnnxModel):
                 found["boxes"] = rescale_boxes(found["boxes"], tuple(image.shape[-2:]), original_sizes[index])
             detections.append(found)
         return Detections.from_images(detections)
+
+    def paste_masks(self, detections: Mapping[str, torch.Tensor], size: Sequence[int]) -> dict[str, torch.Tensor]:
+        """As ``FasterRCNN.paste_masks``."""
+        return {**detections, "masks": paste_masks(detections["mask_probs"], detections["boxes"], size, self.mask_rules)}
 
 
 class OnnxSegmenter(OnnxModel):

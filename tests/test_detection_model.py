@@ -153,7 +153,7 @@ def test_crowd_boxes_are_ignored_by_the_roi_heads():
     valid = torch.tensor([[True, True, True, False]])  # the last: a row's filler, not a proposal
     target = {"boxes": torch.tensor([[1.0, 1.0, 32.0, 32.0], [100.0, 100.0, 132.0, 132.0]]),
               "labels": torch.tensor([3, 2]), "iscrowd": torch.tensor([False, True])}
-    sampled, labels, _ = model.roi_heads.sample_proposals(proposals, valid, [target])
+    sampled, labels, _, _ = model.roi_heads.sample_proposals(proposals, valid, [target])
     assert sampled.shape == (1, 6, 4) and labels.shape == (1, 6)  # all 6 candidates: fewer than batch_size_per_image
     by_box = {tuple(box.tolist()): int(label) for box, label in zip(sampled[0], labels[0]) if label >= 0}
     assert len(by_box) == 3  # a foreground proposal, the ground-truth box itself, a background proposal

@@ -2,9 +2,10 @@
 
     python tools/infer.py CONFIG_OR_RUN_DIR [--weights FILE_OR_NAME] --input IMAGE_OR_FOLDER --output DIR [key=value ...]
 
-Detection writes ``DIR/<image stem>.png`` (boxes, class names, scores) and ``DIR/predictions.json``: a
-list of ``{"file_name", "image_id", "category_id", "bbox": [x, y, w, h], "score"}`` in the original
-image's pixels (``image_id``: the file's numeric stem, as COCO names files, else its index).
+Detection writes ``DIR/<image stem>.png`` (boxes, class names, scores; a Mask R-CNN's masks filled
+translucent in the class colour) and ``DIR/predictions.json``: a list of ``{"file_name", "image_id",
+"category_id", "bbox": [x, y, w, h], "score"}`` (with masks also ``"segmentation"``: COCO RLE) in the
+original image's pixels (``image_id``: the file's numeric stem, as COCO names files, else its index).
 Segmentation writes ``DIR/<image stem>.png`` (the class map as a coloured overlay with a legend) and
 ``DIR/<image stem>_labels.png`` (8-bit, one channel: the class index of every pixel, at the image's size).
 
@@ -123,6 +124,8 @@ def main(argv: list[str]) -> int:
         with torch.no_grad():
             detections = model(list(resized), original_sizes=[tuple(image.shape[:2]) for image in images]).cpu()
         for index, image, found in zip(indices, images, detections):
+            if getattr(model, "has_masks", False):
+                found = model.paste_masks(found, image.shape[:2])
             path = files[index]
             image_id = int(path.stem) if path.stem.isdigit() else index
             for entry in to_coco_results(found, image_id, label_to_category):

@@ -1,7 +1,9 @@
-"""Load detector weights: this project's own checkpoints, torchvision's and detectron2's Faster R-CNNs.
+"""Load detector weights: this project's own checkpoints, torchvision's and detectron2's Faster R-CNNs and
+Mask R-CNNs.
 
-Each foreign format is a key mapping (plus, for detectron2, the few tensors laid out differently: the
-background class, the RPN's anchor order), then one strict load: every tensor placed, every shape checked.
+Each foreign format is a key mapping (plus the few tensors laid out differently: the background class of
+detectron2's box predictor and of torchvision's mask predictor, detectron2's RPN anchor order), then one
+strict load: every tensor placed, every shape checked.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from backbones.weights import (
 
 from .model import FasterRCNN
 
-PREDICTOR_KEYS = tuple(f"roi_heads.predictor.{layer}.{p}" for layer in ("cls_score", "bbox_pred") for p in ("weight", "bias"))
+PREDICTOR_KEYS = tuple(f"roi_heads.predictor.{layer}.{p}" for layer in ("cls_score", "bbox_pred") for p in ("weight", "bias")) + (
+    "roi_heads.mask_head.predictor.weight", "roi_heads.mask_head.predictor.bias")  # the per-class parts
+MASK_PREDICTOR_KEYS = PREDICTOR_KEYS[-2:]
 
 
 def _map_torchvision_detection_key(key: str) -> str | None:
@@ -47,8 +51,19 @@ def _map_torchvision_detection_key(key: str) -> str | None:
         (r"^roi_heads\.box_head\.fc6\.(weight|bias)$", r"roi_heads.box_head.fcs.0.\1"),
         (r"^roi_heads\.box_head\.fc7\.(weight|bias)$", r"roi_heads.box_head.fcs.1.\1"),
         (r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", r"roi_heads.predictor.\1.\2"),
+        # maskrcnn_resnet50_fpn: MaskRCNNHeads (Conv2dNormActivation blocks; older releases: mask_fcn1..4)
+        (r"^roi_heads\.mask_head\.(\d+)\.0\.(weight|bias)$", r"roi_heads.mask_head.convs.\1.\2"),
+        (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$", lambda m: f"roi_heads.mask_head.convs.{int(m[1]) - 1}.{m[2]}"),
+        (r"^roi_heads\.mask_predictor\.conv5_mask\.(weight|bias)$", r"roi_heads.mask_head.deconv.\1"),
+        (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)$", r"roi_heads.mask_head.predictor.\1"),
     ]
     return map_by_rules(key, rules)
+
+
+def _from_torchvision_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's mask predictor has a map for the background class too (index 0), which no detection
+    reads (its labels are 1..K); ours has the K classes' maps only."""
+    return {k: v[1:] if k in MASK_PREDICTOR_KEYS else v for k, v in state.items()}
 
 
 def _map_detectron2_detection_key(key: str) -> str | None:
@@ -70,6 +85,8 @@ def _map_detectron2_detection_key(key: str) -> str | None:
         (r"^proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)$", r"rpn.head.deltas.\1"),
         (r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", r"roi_heads.predictor.\1.\2"),
         (r"^roi_heads\.box_head\.fc(\d+)\.(weight|bias)$", lambda m: f"roi_heads.box_head.fcs.{int(m[1]) - 1}.{m[2]}"),
+        (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$", lambda m: f"roi_heads.mask_head.convs.{int(m[1]) - 1}.{m[2]}"),
+        (r"^roi_heads\.mask_head\.(deconv|predictor)\.(weight|bias)$", r"roi_heads.mask_head.\1.\2"),
     ])
 
 
@@ -125,9 +142,10 @@ def load_detector_weights(model: FasterRCNN, source: str | Path, new_classes: bo
     """Load a checkpoint into ``model`` strictly; returns the detected format.
 
     ``source`` is a file or a weights name. Accepted: this project's checkpoints (``model.safetensors`` of
-    a run, or a state dict), torchvision's ``fasterrcnn_resnet50_fpn`` checkpoints, and detectron2's
-    model-zoo files (``.pkl``, read without running code; or ``detectron2:COCO-Detection/<name>``, fetched
-    and cached). ``new_classes=True`` (fine-tuning on another class count) leaves the class and box
+    a run, or a state dict), torchvision's ``fasterrcnn_resnet50_fpn`` and ``maskrcnn_resnet50_fpn``
+    checkpoints, and detectron2's model-zoo files (``.pkl``, read without running code; or
+    ``detectron2:COCO-Detection/<name>`` / ``detectron2:COCO-InstanceSegmentation/<name>``, fetched and
+    cached). ``new_classes=True`` (fine-tuning on another class count) leaves the class, box and mask
     predictors initialised where their shapes differ from the checkpoint's, and logs them; everything
     else still loads strictly.
     """
@@ -137,6 +155,7 @@ def load_detector_weights(model: FasterRCNN, source: str | Path, new_classes: bo
     unexpected: list[str] = []
     if fmt == "torchvision-detection":
         state, unexpected = remap_keys(state, _map_torchvision_detection_key)
+        state = _from_torchvision_layout(state)
     elif fmt == "detectron2-detection":
         _check_detectron2_normalization(model, state, source)
         state, unexpected = remap_keys(state, _map_detectron2_detection_key)

@@ -1,5 +1,6 @@
-"""COCO detection data: ``instances_*.json`` + an image folder, held as a ``CocoTable`` (numpy columns;
-pycocotools' index only for evaluation), augmented with albumentations (boxes move with the image)."""
+"""COCO detection and instance-segmentation data: ``instances_*.json`` + an image folder, held as a
+``CocoTable`` (numpy columns; pycocotools' index only for evaluation), augmented with albumentations (boxes
+and instance masks move with the image)."""
 
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ class ImageRecord:
     boxes: np.ndarray  # (G, 4) float32 x1, y1, x2, y2, clipped to the image
     labels: np.ndarray  # (G,) int64
     iscrowd: np.ndarray  # (G,) bool
+    rows: slice  # the boxes' annotation rows among the kept ones (``CocoDetection.annotation_rows``)
 
 
 class CocoDetection(CocoSplit):
-    """Images with their boxes, labels and crowd flags.
+    """Images with their boxes, labels and crowd flags (and with ``masks=True`` their instance masks).
 
     - ``label_map="contiguous"``: the categories, sorted by id, become labels 1..K; ``"coco_id"``: the
       label is the COCO category id (torchvision's 91-way convention). ``label_to_category`` maps back.
@@ -46,8 +48,13 @@ class CocoDetection(CocoSplit):
     - The boxes of every image are packed in a few arrays (``record(i)`` unpacks one image's): the
       dataset holds no per-image Python objects, so forked DataLoader workers do not copy it.
 
+    - ``masks=True``: each kept annotation's mask (polygons or crowd RLE, as pycocotools' ``annToMask`` draws
+      it) is drawn at the file's size when the item is read and moves with the image (resized nearest,
+      flipped); the table keeps the polygons and RLEs compactly, not the masks.
+
     Items are ``(image (3, H, W) uint8, target)``, ``target`` holding ``boxes``, ``labels``, ``iscrowd``
-    (after augmentation), ``image_id`` and ``orig_size`` (h, w) of the file.
+    (after augmentation), with ``masks=True`` ``masks`` ``(G, H, W)`` uint8 0/1, ``image_id`` and
+    ``orig_size`` (h, w) of the file.
     """
 
     def __init__(
@@ -57,11 +64,12 @@ class CocoDetection(CocoSplit):
         transform: A.Compose | None = None,
         train: bool = False,
         label_map: str = "contiguous",
+        masks: bool = False,
     ):
         if label_map not in LABEL_MAPS:
             raise UserError(f"data.label_map must be one of {', '.join(LABEL_MAPS)}, got {label_map!r}")
-        super().__init__(annotation_file, image_dir)
-        self.transform, self.train = transform, train
+        super().__init__(annotation_file, image_dir, segmentation=masks)
+        self.transform, self.train, self.masks = transform, train, masks
         table = self.table
         self.category_ids = [c["id"] for c in table.categories]
         if label_map == "contiguous":
@@ -92,6 +100,7 @@ class CocoDetection(CocoSplit):
         self._boxes = boxes[proper].astype(np.float32)
         self._labels = labels[np.searchsorted(self.category_ids, table.category_ids[proper])]
         self._crowd = table.iscrowd[proper]
+        self.annotation_rows = np.flatnonzero(proper)  # the table's annotation row of each kept box
         kept_images = image_of_row[proper]
         self._box_start = offsets(np.bincount(kept_images, minlength=len(table)))
         objects = np.bincount(kept_images[~self._crowd], minlength=len(table))
@@ -108,7 +117,13 @@ class CocoDetection(CocoSplit):
         row, table = int(self.image_rows[index]), self.table
         boxes = slice(int(self._box_start[row]), int(self._box_start[row + 1]))
         return ImageRecord(int(table.image_ids[row]), table.file_name(row), int(table.heights[row]),
-                           int(table.widths[row]), self._boxes[boxes], self._labels[boxes], self._crowd[boxes])
+                           int(table.widths[row]), self._boxes[boxes], self._labels[boxes], self._crowd[boxes], boxes)
+
+    def instance_masks(self, record: ImageRecord) -> np.ndarray:
+        """The ``(G, H, W)`` uint8 masks of ``record``'s boxes, at the file's size."""
+        rows = self.annotation_rows[record.rows]
+        return np.stack([self.table.mask(int(r), record.height, record.width) for r in rows]) if len(rows) else \
+            np.zeros((0, record.height, record.width), dtype=np.uint8)
 
     def __len__(self) -> int:
         return len(self.image_rows)
@@ -126,11 +141,17 @@ class CocoDetection(CocoSplit):
         record = self.record(index)
         image = self.read_image(int(self.image_rows[index]))
         boxes, labels, iscrowd = record.boxes, record.labels, record.iscrowd
+        masks = self.instance_masks(record) if self.masks else None
         if self.transform is not None:
-            out = self.transform(image=image, bboxes=boxes, labels=labels, iscrowd=iscrowd.astype(np.int64))
+            extra = {"masks": list(masks)} if masks is not None and len(masks) else {}
+            out = self.transform(image=image, bboxes=boxes, labels=labels, iscrowd=iscrowd.astype(np.int64),
+                                 index=np.arange(len(boxes)), **extra)
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels, iscrowd = np.asarray(out["labels"], dtype=np.int64), np.asarray(out["iscrowd"]).astype(bool)
+            if masks is not None:  # the masks of the boxes the transform kept
+                kept = np.asarray(out["index"], dtype=np.int64)
+                masks = np.stack(out["masks"])[kept] if len(kept) else np.zeros((0, *image.shape[:2]), np.uint8)
         target = {
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels),
@@ -138,6 +159,8 @@ class CocoDetection(CocoSplit):
             "image_id": record.image_id,
             "orig_size": (record.height, record.width),
         }
+        if masks is not None:
+            target["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), target
 
 
@@ -148,12 +171,14 @@ def detection_transform(
     flip_prob: float = 0.5,
 ) -> A.Compose:
     """Shortest-edge resize (a size drawn from ``short_sizes`` in training, their largest at test time),
-    plus horizontal flip in training. Boxes in ``pascal_voc`` (x1, y1, x2, y2) pixels."""
+    plus horizontal flip in training. Boxes in ``pascal_voc`` (x1, y1, x2, y2) pixels, with their
+    ``labels``, ``iscrowd`` and ``index`` (which of the given boxes each kept one is); instance ``masks``
+    move with the image."""
     steps: list[A.BasicTransform] = [ShortestEdgeResize(short_sizes if train else [max(short_sizes)], max_size)]
     if train and flip_prob > 0:
         steps.append(A.HorizontalFlip(p=flip_prob))
     return A.Compose(
-        steps, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "iscrowd"], clip=True)
+        steps, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "iscrowd", "index"], clip=True)
     )
 
 

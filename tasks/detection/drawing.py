@@ -8,7 +8,7 @@ from typing import Mapping
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ def draw_detections(
 ) -> Image.Image:
     """The image with its detections of score >= ``min_score`` (all of them when ``detections`` has no
     ``scores``: ground truth) drawn as boxes in their class's colour, each labelled ``name score`` on a
-    filled background of that colour."""
+    filled background of that colour; their ``masks`` (D, H, W), where given, filled translucent in the same
+    colour under the boxes."""
     scores = detections.get("scores")
     keep = scores >= min_score if scores is not None else torch.ones(len(detections["labels"]), dtype=torch.bool)
     if not keep.any():
@@ -41,6 +42,8 @@ def draw_detections(
     colors = [class_color(label) for label in labels]
     text_colors = ["black" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "white" for r, g, b in colors]
     canvas = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if "masks" in detections:
+        canvas = draw_segmentation_masks(canvas, detections["masks"][keep].bool(), alpha=0.45, colors=colors)
     drawn = draw_bounding_boxes(canvas, detections["boxes"][keep].float(), labels=texts, colors=colors, width=2,
                                 fill_labels=True, label_colors=text_colors)
     return Image.fromarray(drawn.permute(1, 2, 0).numpy())

@@ -1,4 +1,5 @@
-"""Faster R-CNN assembled from a backbone (+ FPN), an RPN and RoI heads, built from a config dict."""
+"""Faster R-CNN assembled from a backbone (+ FPN), an RPN and RoI heads (with a mask head: Mask R-CNN), built
+from a config dict."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from backbones import FPN, Backbone
 from backbones.errors import UserError
-from heads import RPN, FCBoxHead, Res5BoxHead, RoIHeads, RoIPooler
+from heads import MASK_RULES, RPN, FCBoxHead, MaskHead, Res5BoxHead, RoIHeads, RoIPooler, paste_masks
 from tasks.modeling.assembly import layout_backbone, merged, resolve_layout_backbone
 from tasks.modeling.batching import IMAGENET_MEAN, IMAGENET_STD, INPUT_FORMATS, batch_images
 
@@ -19,7 +20,8 @@ LAYOUTS = ("fpn", "c4", "dc5")
 
 
 class FasterRCNN(nn.Module):
-    """backbone -> RPN -> RoI heads, with pixel normalization and padding inside the model.
+    """backbone -> RPN -> RoI heads, with pixel normalization and padding inside the model; Mask R-CNN when
+    the RoI heads have a mask head (``has_masks``).
 
     ``forward(images, targets=None, original_sizes=None)``:
     - ``images``: a list of ``(3, H, W)`` RGB tensors, ``uint8`` in 0..255 or float in 0..1 (sizes may
@@ -28,8 +30,10 @@ class FasterRCNN(nn.Module):
       network's own convention (``input_format``, ``input_range``: BGR in 0..255 for detectron2's and
       MSRA's weights) is applied inside, with ``pixel_mean``/``pixel_std`` in its units;
     - training (``model.train()``): ``targets`` (per image ``boxes`` (G, 4) x1y1x2y2 in input pixels,
-      ``labels`` (G,) in 1..num_classes, optional ``iscrowd`` (G,)) are required; returns named losses;
-    - evaluation: returns ``Detections``, a sequence of per image ``{"boxes", "scores", "labels"}``
+      ``labels`` (G,) in 1..num_classes, optional ``iscrowd`` (G,); with masks ``masks`` (G, H, W) 0/1 in
+      input pixels) are required; returns named losses;
+    - evaluation: returns ``Detections``, a sequence of per image ``{"boxes", "scores", "labels"}`` (with
+      masks also ``mask_probs`` (D, M, M), the masks in their boxes: ``paste_masks`` puts them in the image)
       kept at a fixed size on the device until read (``detections.cpu()``: the whole batch in one copy);
       boxes are rescaled to ``original_sizes`` ((h, w) per image) when given, else in input pixels.
     """
@@ -60,6 +64,17 @@ class FasterRCNN(nn.Module):
     def num_classes(self) -> int:
         return self.roi_heads.num_classes
 
+    @property
+    def has_masks(self) -> bool:
+        return self.roi_heads.mask_head is not None
+
+    def paste_masks(self, detections: Mapping[str, torch.Tensor], size: Sequence[int]) -> dict[str, torch.Tensor]:
+        """One image's detections with ``masks`` ``(D, h, w)`` bool: its ``mask_probs`` pasted at its boxes
+        into an image of ``size`` (h, w) (the original size, for boxes rescaled to it), thresholded at 0.5,
+        by the model's mask rules (torchvision's or detectron2's paste). On the host after ``cpu()``."""
+        masks = paste_masks(detections["mask_probs"], detections["boxes"], size, self.roi_heads.mask_rules)
+        return {**detections, "masks": masks}
+
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Normalize each image, then pad all to one ``(N, 3, H, W)`` batch (zeros, bottom and right), of the
         smallest of ``size_buckets`` that holds it where they are set."""
@@ -78,7 +93,7 @@ class FasterRCNN(nn.Module):
         # queued copies (no host wait): the sizes from the host, the targets from the DataLoader's pinned memory
         image_sizes = torch.tensor(sizes, dtype=torch.float32).to(batch.device, non_blocking=True)
         if self.training:
-            return self.network(batch, image_sizes, pad_targets(targets, batch.device))
+            return self.network(batch, image_sizes, pad_targets(targets, batch.device, batch.shape[-2:]))
         detections = self.network(batch, image_sizes)
         if original_sizes is not None:
             detections = detections.replace(boxes=torch.stack([
@@ -102,11 +117,14 @@ class FasterRCNN(nn.Module):
         return detections
 
 
-def pad_targets(targets: Sequence[dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, torch.Tensor]]:
+def pad_targets(targets: Sequence[dict[str, torch.Tensor]], device: torch.device,
+                batch_size: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
     """Each image's ``boxes``, ``labels`` and ``iscrowd`` (zeros where absent), padded with label 0 (matched
     by nothing: the classes are 1..K) to one count for the batch, the next power of two from 8 up that holds
-    its largest: the count of a compiled graph's inputs takes few values. On ``device``, copied non-blocking
-    (the DataLoader's pinned memory: the host does not wait). Nothing else of a target goes to the device."""
+    its largest: the count of a compiled graph's inputs takes few values. ``masks`` ``(G, h, w)``, where the
+    targets have them, are padded with zeros to that count and to the padded batch's ``batch_size`` (H, W).
+    On ``device``, copied non-blocking (the DataLoader's pinned memory: the host does not wait). Nothing
+    else of a target goes to the device."""
     count = max([len(t["boxes"]) for t in targets] + [8])
     count = 1 << (count - 1).bit_length()
     padded = []
@@ -114,9 +132,15 @@ def pad_targets(targets: Sequence[dict[str, torch.Tensor]], device: torch.device
         boxes, labels = target["boxes"], target["labels"]
         crowd = target.get("iscrowd", torch.zeros_like(labels))
         extra = count - len(boxes)
-        padded.append({"boxes": F.pad(boxes.to(device, non_blocking=True), [0, 0, 0, extra]),
-                       "labels": F.pad(labels.to(device, non_blocking=True), [0, extra]),
-                       "iscrowd": F.pad(crowd.to(device, non_blocking=True), [0, extra])})
+        image = {"boxes": F.pad(boxes.to(device, non_blocking=True), [0, 0, 0, extra]),
+                 "labels": F.pad(labels.to(device, non_blocking=True), [0, extra]),
+                 "iscrowd": F.pad(crowd.to(device, non_blocking=True), [0, extra])}
+        if "masks" in target:
+            masks = target["masks"]
+            height, width = batch_size if batch_size is not None else masks.shape[-2:]
+            image["masks"] = F.pad(masks.to(device, non_blocking=True),
+                                   [0, width - masks.shape[-1], 0, height - masks.shape[-2], 0, extra])
+        padded.append(image)
     return padded
 
 
@@ -187,6 +211,14 @@ DEFAULTS: dict[str, Any] = {
         # 0: all that pass score_thresh and min_size (the exact rule of torchvision and detectron2)
         "topk_candidates": 1000,
     },
+    "masks": False,  # Mask R-CNN: a mask head on the RoI heads, instance masks in the detections
+    "mask_head": {
+        "num_conv": None,  # 3x3 convolutions before the deconvolution: 4 (FPN, DC5), 0 (C4: it reads res5's map)
+        "conv_dim": 256,
+        "pooler_resolution": 14,  # its own RoIAlign (FPN, DC5); C4's reads the box head's res5 map
+        "sampling_ratio": None,  # of its RoIAlign; default: roi_heads.sampling_ratio
+        "rules": "torchvision",  # targets and paste as torchvision (or detectron2) computes them
+    },
 }
 
 
@@ -208,6 +240,13 @@ def resolve_detector_config(config: Mapping[str, Any]) -> dict[str, Any]:
         top[section] = merged(DEFAULTS[section], config.get(section), f"model.{section}")
     top["anchors"] = merged(LAYOUT_ANCHORS[layout], config.get("anchors"), "model.anchors")
     top["roi_heads"]["pooler_resolution"] = top["roi_heads"]["pooler_resolution"] or POOLER_RESOLUTION[layout]
+    mask = top["mask_head"] = merged(DEFAULTS["mask_head"], config.get("mask_head"), "model.mask_head")
+    if mask["num_conv"] is None:
+        mask["num_conv"] = 0 if layout == "c4" else 4
+    if mask["sampling_ratio"] is None:
+        mask["sampling_ratio"] = top["roi_heads"]["sampling_ratio"]
+    if mask["rules"] not in MASK_RULES:
+        raise UserError(f"model.mask_head.rules must be one of {', '.join(MASK_RULES)}, got {mask['rules']!r}")
     return top
 
 
@@ -250,7 +289,9 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
         round_anchors=anchors["round"],
         **{k: tuple(v) if isinstance(v, list) else v for k, v in rpn_cfg.items()},
     )
-    pooler = RoIPooler([shapes[f].stride for f in roi_features], pooler_resolution, **pooler_kwargs)
+    strides = [shapes[f].stride for f in roi_features]
+    pooler = RoIPooler(strides, pooler_resolution, **pooler_kwargs)
+    masks = _mask_branch(top, layout, shapes[roi_features[0]].channels, box_head, strides, pooler_kwargs)
     roi_heads = RoIHeads(
         shapes,
         roi_features,
@@ -258,9 +299,26 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
         pooler,
         top["num_classes"],
         **{k: tuple(v) if isinstance(v, list) else v for k, v in roi_cfg.items()},
+        **masks,
     )
     return FasterRCNN(backbone, rpn, roi_heads, top["pixel_mean"], top["pixel_std"], top["channels_last"],
                       top["input_format"], float(top["input_range"]))
+
+
+def _mask_branch(top: Mapping[str, Any], layout: str, channels: int, box_head: nn.Module, strides: list[int],
+                 pooler_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The RoI heads' mask arguments (none without ``model.masks``): on FPN and DC5 a mask head over its own
+    RoIAlign of the box head's features; on C4 one over the box head's ``res5`` map (no pooler of its own)."""
+    if not top["masks"]:
+        return {}
+    cfg = top["mask_head"]
+    if layout == "c4":
+        head = MaskHead(box_head.out_channels, top["num_classes"], cfg["num_conv"], cfg["conv_dim"])
+        return {"mask_head": head, "mask_pooler": None, "mask_rules": cfg["rules"]}
+    pooler = RoIPooler(strides, cfg["pooler_resolution"], cfg["sampling_ratio"], pooler_kwargs["aligned"],
+                       impl=pooler_kwargs["impl"])
+    head = MaskHead(channels, top["num_classes"], cfg["num_conv"], cfg["conv_dim"])
+    return {"mask_head": head, "mask_pooler": pooler, "mask_rules": cfg["rules"]}
 
 
 def _layout_heads(layout: str, backbone: Backbone, fpn_cfg: Mapping[str, Any], pooler_resolution: int, num_fc: int,

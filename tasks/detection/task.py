@@ -1,5 +1,5 @@
-"""The detection task for the training engine: datasets from the config, sharded COCO evaluation,
-drawings of validation predictions."""
+"""The detection task for the training engine (Faster R-CNN, and Mask R-CNN with ``model.masks``): datasets
+from the config, sharded COCO evaluation (boxes, and masks), drawings of validation predictions."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from .model import build_detector, resolve_detector_config
 
 
 class DetectionTask:
-    """Faster R-CNN on a COCO-layout dataset."""
+    """Faster R-CNN, or Mask R-CNN (``model.masks: true``: instance masks in the data, the losses, the
+    predictions and the evaluation), on a COCO-layout dataset."""
 
     data_formats = ("coco",)  # the data.format values it reads
 
@@ -61,7 +62,7 @@ class DetectionTask:
             data.flip_prob,
         )
         dataset = CocoDetection(resolve_path(root, paths.annotations), resolve_path(root, paths.images), transform,
-                                train=train, label_map=data.label_map)
+                                train=train, label_map=data.label_map, masks=bool(config.model.get("masks")))
         num_classes = config.model.get("num_classes", 80)
         # training may see a subset of the model's classes; evaluation maps every label back to a category
         exact = not train and data.label_map == "contiguous"
@@ -86,8 +87,8 @@ class DetectionTask:
     @staticmethod
     def loss_inputs(batch: tuple[list, list]) -> tuple[list, list]:
         images, targets = batch
-        return images, [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"], "image_id": t["image_id"]}
-                        for t in targets]
+        keys = ("boxes", "labels", "iscrowd", "image_id", "masks")
+        return images, [{k: t[k] for k in keys if k in t} for t in targets]
 
     def metadata(self, dataset: CocoDetection) -> dict[str, Any]:
         return {"categories": [{"id": c, "name": dataset.category_names[c]} for c in dataset.category_ids]}
@@ -95,12 +96,15 @@ class DetectionTask:
     @torch.no_grad()
     def predict(self, model: nn.Module, dataset: CocoDetection, indices: list[int], batch_size: int = 1,
                 num_workers: int = 0, progress: bool = False) -> list[dict]:
-        """COCO results for the images ``indices`` of ``dataset`` (read by ``num_workers`` workers)."""
+        """COCO results for the images ``indices`` of ``dataset`` (read by ``num_workers`` workers); with masks,
+        each pasted at the image's original size and given as RLE."""
         results = []
         for items in inference_batches(dataset, indices, batch_size, num_workers, progress):
             images = [image for image, _ in items]
             detections = model(images, original_sizes=[t["orig_size"] for _, t in items]).cpu()  # one copy
             for (_, target), det in zip(items, detections):
+                if model.has_masks:
+                    det = model.paste_masks(det, target["orig_size"])
                 results.extend(to_coco_results(det, target["image_id"], dataset.label_to_category))
         return results
 
@@ -109,22 +113,27 @@ class DetectionTask:
         """Each process predicts its shard (every ``num_processes``-th image: disjoint, nothing padded);
         the main process gathers all results, writes them (``coco_results.json``) and runs the COCO
         evaluation (``eval.backend``): the summary is returned, the per-category AP printed and written
-        with the precision-recall curves (``write_coco_report``). Images are read by ``data.num_workers``
-        workers, ``eval.batch_size`` at a time."""
+        with the precision-recall curves (``write_coco_report``); with masks the same for ``segm`` (its curves
+        in ``pr_curves_segm.png``). Images are read by ``data.num_workers`` workers, ``eval.batch_size`` at
+        a time."""
         was_training = model.training
         model.eval()
         shard = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
         results = self.predict(model, dataset, shard, config.eval.batch_size, config.data.num_workers,
                                progress=accelerator.is_main_process)
         model.train(was_training)
-        gathered = gather_object([results_to_array(results)])  # compact arrays, not lists of dicts
+        masks = model.has_masks
+        # compact arrays, not lists of dicts (and the RLEs, which are strings already)
+        gathered = gather_object([(results_to_array(results), [r["segmentation"] for r in results] if masks else None)])
         metrics: dict[str, float] = {}
         if accelerator.is_main_process:
-            all_results = array_to_results(np.concatenate(gathered))
+            all_results = array_to_results(np.concatenate([array for array, _ in gathered]),
+                                           [rle for _, rles in gathered for rle in rles] if masks else None)
             (output_dir / "coco_results.json").write_text(json.dumps(all_results))
-            report = coco_report(dataset.coco, all_results, "bbox", config.eval.backend)
-            metrics = {f"bbox/{k}": v for k, v in report.summary.items()}
-            write_coco_report(report, "bbox", output_dir)
+            for iou_type in ("bbox", "segm") if masks else ("bbox",):
+                report = coco_report(dataset.coco, all_results, iou_type, config.eval.backend)
+                metrics.update({f"{iou_type}/{k}": v for k, v in report.summary.items()})
+                write_coco_report(report, iou_type, output_dir, "pr_curves.png" if iou_type == "bbox" else "pr_curves_segm.png")
         return broadcast_metrics(metrics, accelerator)
 
     def visualize(self, model: nn.Module, dataset: CocoDetection, output_dir: Path, config: Config) -> None:
@@ -137,8 +146,10 @@ class DetectionTask:
             for index in range(min(config.eval.num_visualize, len(dataset))):
                 image, target = dataset[index]
                 (det,) = model([image]).cpu()
+                if model.has_masks:
+                    det = model.paste_masks(det, image.shape[1:])
                 pixels = image.permute(1, 2, 0).numpy()
-                truth = draw_detections(pixels, {"boxes": target["boxes"], "labels": target["labels"]}, names)
+                truth = draw_detections(pixels, {k: target[k] for k in ("boxes", "labels", "masks") if k in target}, names)
                 predicted = draw_detections(pixels, det, names,
                                             config.eval.visualize_score_thresh)
                 side_by_side(truth, predicted).save(output_dir / f"{target['image_id']}.png")

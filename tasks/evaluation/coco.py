@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -50,10 +51,23 @@ def results_to_array(results: Sequence[dict[str, Any]]) -> np.ndarray:
     return array
 
 
-def array_to_results(array: np.ndarray) -> list[dict[str, Any]]:
-    """The COCO results entries of a ``results_to_array`` array (exactly the values that went in)."""
-    return [{"image_id": int(row[0]), "category_id": int(row[6]), "bbox": row[1:5].tolist(), "score": float(row[5])}
-            for row in array]
+def array_to_results(array: np.ndarray, segmentations: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The COCO results entries of a ``results_to_array`` array (exactly the values that went in), with the
+    ``segmentations`` of the same entries where given."""
+    results = [{"image_id": int(row[0]), "category_id": int(row[6]), "bbox": row[1:5].tolist(), "score": float(row[5])}
+               for row in array]
+    for result, segmentation in zip(results, segmentations or ()):
+        result["segmentation"] = segmentation
+    return results
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """Binary masks ``(D, H, W)`` as COCO RLEs (``{"size": [H, W], "counts": str}``, pycocotools' encoding:
+    what results files and ``COCOeval`` read)."""
+    if not len(masks):
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()} for rle in rles]
 
 
 def _entry_problem(entry: Any) -> str | None:
@@ -117,7 +131,10 @@ def coco_report(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type: str 
     lacking = next((i for i, r in enumerate(results) if needed not in r), None)
     if lacking is not None:
         raise UserError(f"result {lacking} has no {needed!r}, which --iou-type {iou_type} evaluates")
-    results = [dict(r) for r in results]  # loadRes adds keys (area, id, a bbox as an array) to the entries
+    # copies (loadRes adds keys: area, id, a bbox as an array); an entry with a bbox is read as a box result
+    # (loadRes replaces its segmentation by the box), so the segm evaluation reads the masks alone
+    unused = "bbox" if iou_type == "segm" else "segmentation"
+    results = [{k: v for k, v in r.items() if k != unused} for r in results]
     if backend == "faster_coco_eval":
         evaluator = _faster_coco_eval(coco_gt, results, iou_type)
     else:
@@ -179,16 +196,23 @@ def _faster_coco_eval(coco_gt: COCO, results: Sequence[dict[str, Any]], iou_type
 def to_coco_results(
     detections: Mapping[str, torch.Tensor], image_id: int, label_to_category: Mapping[int, int]
 ) -> list[dict[str, Any]]:
-    """COCO results entries: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``. Labels with
-    no category (in ``label_to_category``) have nothing to be scored against and are left out."""
+    """COCO results entries: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``, and where the
+    detections have ``masks`` (D, H, W) their ``segmentation`` (RLE). Labels with no category (in
+    ``label_to_category``) have nothing to be scored against and are left out."""
     boxes = detections["boxes"].tolist()
-    return [
+    known = [int(label) in label_to_category  # e.g. the ids COCO leaves unused, which torchvision's 91-way heads have
+             for label in detections["labels"].tolist()]
+    results = [
         {
             "image_id": image_id,
             "category_id": int(label_to_category[int(label)]),
             "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
             "score": round(float(score), 5),
         }
-        for (x1, y1, x2, y2), score, label in zip(boxes, detections["scores"].tolist(), detections["labels"].tolist())
-        if int(label) in label_to_category  # e.g. the ids COCO leaves unused, which torchvision's 91-way heads have
+        for (x1, y1, x2, y2), score, label, ok in zip(boxes, detections["scores"].tolist(),
+                                                     detections["labels"].tolist(), known) if ok
     ]
+    if "masks" in detections:
+        for result, rle in zip(results, encode_masks(detections["masks"][torch.tensor(known, dtype=torch.bool)])):
+            result["segmentation"] = rle
+    return results

@@ -16,7 +16,7 @@ from .coco import CocoReport, format_per_category
 logger = logging.getLogger(__name__)
 
 # validation metrics worth a panel, in this order, when a run logged them
-VALIDATION_KEYS = ("bbox/AP", "bbox/AP50", "segm/mIoU", "segm/pixel_accuracy", "cls/top5_error")
+VALIDATION_KEYS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/mIoU", "segm/pixel_accuracy", "cls/top5_error")
 # classification: the training error (of the training batches, logged as they pass) and the validation
 # error of each run share one panel, dashed and solid in the run's colour (the paper's Figure 6)
 ERROR_PANEL = "top-1 error (train dashed, val solid)"
@@ -130,20 +130,24 @@ def plot_pr_curves(report: CocoReport, output: str | Path, iou_type: str = "bbox
     plt.close(figure)
 
 
-def write_coco_report(report: CocoReport, iou_type: str, output_dir: str | Path | None) -> None:
-    """Print the per-category table; in ``output_dir`` (when given) write ``per_category.json`` and, where
-    matplotlib is installed, ``pr_curves.png``, and say where they are."""
+def write_coco_report(report: CocoReport, iou_type: str, output_dir: str | Path | None,
+                      curves_name: str = "pr_curves.png") -> None:
+    """Print the per-category table; in ``output_dir`` (when given) write ``per_category.json`` (its
+    ``iou_type`` entry, beside those of other IoU types already there) and, where matplotlib is installed,
+    the curves (``curves_name``), and say where they are."""
     if not report.per_category:
         return
     print(format_per_category(report.per_category, iou_type))
     if output_dir is None:
         return
     output_dir = Path(output_dir)
-    (output_dir / "per_category.json").write_text(json.dumps({iou_type: report.per_category}, indent=1))
-    written = [output_dir / "per_category.json"]
+    table = output_dir / "per_category.json"
+    tables = json.loads(table.read_text()) if table.is_file() else {}
+    table.write_text(json.dumps({**tables, iou_type: report.per_category}, indent=1))
+    written = [table]
     try:
-        plot_pr_curves(report, output_dir / "pr_curves.png", iou_type)
-        written.append(output_dir / "pr_curves.png")
+        plot_pr_curves(report, output_dir / curves_name, iou_type)
+        written.append(output_dir / curves_name)
     except UserError as missing:
         logger.info("no pr_curves.png: %s", missing)
     print("wrote " + ", ".join(map(str, written)))
