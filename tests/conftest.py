@@ -69,7 +69,8 @@ def randomize_frozen_(module: torch.nn.Module) -> torch.nn.Module:
 
 # The longest tests start first, so that under pytest-xdist the other workers share out the rest while they
 # run instead of one of them being left with a long test at the end.
-LONG_FIRST = ("test_segmentation_quickstart_reaches_its_bar", "test_sigterm_writes_a_checkpoint",
+LONG_FIRST = ("test_segmentation_quickstart_reaches_its_bar", "test_mask_quickstart_learns_masks",
+              "test_sigterm_writes_a_checkpoint",
               "test_tiny_detector_overfits_a_few_real_images", "test_two_process_training_and_evaluation")
 
 

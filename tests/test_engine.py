@@ -183,10 +183,13 @@ def launch(*args, timeout=600):
 
 
 def test_two_process_training_and_evaluation(shapes, tmp_path):
+    """A Mask R-CNN (the detector with its mask head: boxes and masks both) trained and evaluated by two
+    processes: disjoint shards, and the same metrics and results as one process."""
     out = tmp_path / "ddp"
     result = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                     "--dynamo_backend", "no", "tools/train.py", "configs/quickstart.yaml", *TINY,
-                    f"data.root={shapes}", f"output_dir={out}", "train.max_iters=3")
+                    f"data.root={shapes}", f"output_dir={out}", "train.max_iters=3", "model.masks=true",
+                    "model.mask_head.conv_dim=16")
     assert result.returncode == 0, result.stderr[-3000:]
     # every parameter's gradient has the parameter's strides (DDP warns and copies otherwise), and the
     # processes other than the main one log warnings only
@@ -206,12 +209,13 @@ def test_two_process_training_and_evaluation(shapes, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     metrics1 = json.loads((tmp_path / "eval1" / "metrics.json").read_text())
     metrics2 = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
-    assert metrics1 == metrics2
+    assert metrics1 == metrics2 and "segm/AP" in metrics1 and "bbox/AP" in metrics1
     results1 = json.loads((tmp_path / "eval1" / "coco_results.json").read_text())
     results2 = json.loads((tmp_path / "eval2" / "coco_results.json").read_text())
     key = lambda r: (r["image_id"], r["score"], r["category_id"])  # noqa: E731
     assert sorted(results1, key=key) == sorted(results2, key=key)
     assert {r["image_id"] for r in results2} <= set(range(1, 6)) and len(results2) == len(results1)
+    assert all("counts" in r["segmentation"] for r in results2)  # the masks as RLE
 
 
 @pytest.mark.parametrize("iou_type, expected", [

@@ -35,17 +35,21 @@ def photo(index: int, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1).contiguous()
 
 
-def small_detector(layout: str) -> torch.nn.Module:
-    """A random ResNet-18 detector of the layout, seeded; the class scores are spread (the predictor's
-    weights drawn wider than its initialisation) so that detections pass the threshold in a clear order."""
+def small_detector(layout: str, masks: bool = False) -> torch.nn.Module:
+    """A random ResNet-18 detector of the layout (a Mask R-CNN with ``masks``), seeded; the class scores are
+    spread (the predictor's weights drawn wider than its initialisation) so that detections pass the
+    threshold in a clear order, and so are the mask logits."""
     torch.manual_seed(0)
     model = build_detector({
         "layout": layout, "num_classes": 5, "backbone": {"name": "resnet", "depth": 18},
         "fpn": {"out_channels": 32}, "roi_heads": {"fc_dim": 64, "detections_per_image": 50, "score_thresh": 0.001},
         "rpn": {"pre_nms_topk": [2000, 300], "post_nms_topk": [1000, 100]},
+        "masks": masks, "mask_head": {"conv_dim": 16, "rules": "detectron2"},
     }, init_weights=False).eval()
     with torch.no_grad():
         model.roi_heads.predictor.cls_score.weight.normal_(0, 0.05)
+        if masks:
+            model.roi_heads.mask_head.predictor.weight.normal_(0, 0.05)
     return model
 
 
@@ -110,6 +114,29 @@ def test_dynamo_exporter_gives_the_pytorch_detections(tmp_path):
     model = small_detector("c4")
     path = export_onnx(model, "detection", tmp_path / "c4.onnx", DETECTOR_METADATA, exporter="dynamo")
     assert_same_detections(model, OnnxDetector(path, threads=1), SIZES[:2])
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4"])
+def test_onnx_mask_rcnn_gives_the_pytorch_masks(tmp_path, layout):
+    """A Mask R-CNN exported with its masks as ``mask_probs`` ``(D, M, M)`` (the metadata names the paste):
+    on ONNX Runtime, at sizes other than the traced one, the PyTorch model's detections, mask probabilities
+    (to 1e-4) and pasted masks."""
+    model = small_detector(layout, masks=True)
+    onnx_model = OnnxDetector(export_onnx(model, "detection", tmp_path / "mask.onnx", DETECTOR_METADATA), threads=1)
+    assert onnx_model.has_masks and onnx_model.metadata["resdet.mask_rules"] == "detectron2"
+    assert json.loads(onnx_model.metadata["resdet.outputs"]) == ["boxes", "scores", "labels", "mask_probs"]
+    for index, size in enumerate(SIZES[:2]):
+        image = photo(index, size)
+        with torch.no_grad():
+            (reference,) = model([image])
+        (got,) = onnx_model([image])
+        assert len(reference["boxes"]) >= 5
+        match_one_to_one(reference, got)
+        match = (got["boxes"][None] - reference["boxes"][:, None]).abs().amax(-1).argmin(1)
+        assert (got["mask_probs"][match] - reference["mask_probs"]).abs().max() <= 1e-4
+        assert 0.05 < (reference["mask_probs"] > 0.5).float().mean() < 0.95  # masks worth comparing
+        pasted, theirs = model.paste_masks(reference, size)["masks"], onnx_model.paste_masks(got, size)["masks"]
+        assert (pasted == theirs[match]).float().mean() >= 0.999
 
 
 def test_onnx_segmenter_gives_the_pytorch_class_map(exported):

@@ -80,21 +80,22 @@ def test_batched_nms_keeps_groups_apart_at_float32_precision():
     assert len(keep) == 1001 and (keep % 2 == 0).all()  # above it: every partner goes
 
 
-def detector_and_batch(layout: str):
+def detector_and_batch(layout: str, masks: bool = False):
     """Our detector of the layout (ResNet-18 FPN and C4, ResNet-50 DC5: torchvision's basic blocks cannot be
-    dilated), its config and a batch of two small images with their targets."""
+    dilated), a Mask R-CNN with ``masks``, its config and a batch of two small images with their targets."""
     depth, (height, width) = (50 if layout == "dc5" else 18), (128, 160)
     config = prepare_config(load_config("configs/frcnn_r50.yaml", [
         f"model.layout={layout}", f"model.backbone.depth={depth}", "model.backbone.weights=null", "model.num_classes=3",
-        "model.roi_heads.batch_size_per_image=64", "model.rpn.post_nms_topk=[200,100]"]))  # fewer RoIs: faster, same syncs
+        "model.roi_heads.batch_size_per_image=64", "model.rpn.post_nms_topk=[200,100]",  # fewer RoIs: faster, same syncs
+        f"model.masks={str(masks).lower()}", "model.mask_head.conv_dim=64"]))
     torch.manual_seed(0)
-    images, targets = synthetic_batch(2, height, width, 3)
+    images, targets = synthetic_batch(2, height, width, 3, masks=masks)
     return get_task("detection").build_model(config, init_weights=False), config, images, targets
 
 
-def _detector_counts(layout: str):
+def _detector_counts(layout: str, masks: bool = False):
     """Ours and torchvision's of the same architecture and settings, on the same batch."""
-    ours, config, images, targets = detector_and_batch(layout)
+    ours, config, images, targets = detector_and_batch(layout, masks)
     height, width = images[0].shape[-2:]
     theirs = torchvision_detector(config, height, width)
     return (count_model_syncs(ours, images, targets, CPU),
@@ -110,3 +111,15 @@ def test_detector_host_syncs_are_held_exactly_and_fewer_than_torchvisions(layout
     ours, theirs = _detector_counts(layout)
     assert (ours["train"].total, ours["infer"].total) == OURS[layout], (ours["train"].as_dict(), ours["infer"].as_dict())
     assert ours["train"].total < theirs["train"].total and ours["infer"].total < theirs["infer"].total
+
+
+def test_mask_head_adds_no_host_sync():
+    """Mask R-CNN (FPN) counts as Faster R-CNN does: the mask targets, loss and class maps are fixed-size;
+    torchvision's Mask R-CNN of the same architecture waits more often than its Faster R-CNN. C4's shared
+    res5 mask branch adds none either."""
+    ours, theirs = _detector_counts("fpn", masks=True)
+    assert (ours["train"].total, ours["infer"].total) == OURS["fpn"], (ours["train"].as_dict(), ours["infer"].as_dict())
+    assert ours["train"].total < theirs["train"].total and ours["infer"].total < theirs["infer"].total
+    model, _, images, targets = detector_and_batch("c4", masks=True)
+    c4 = count_model_syncs(model, images, targets, CPU)
+    assert (c4["train"].total, c4["infer"].total) == OURS["c4"]

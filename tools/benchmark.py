@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -88,8 +89,9 @@ from tools.gpu_suite import gpu_suite
 from tools.syncs import count_model_syncs, torchvision_inputs
 
 
-def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, seed: int = 0):
-    """uint8 images and 1-8 random boxes per image, the same for every model."""
+def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, seed: int = 0, masks: bool = False):
+    """uint8 images and 1-8 random boxes per image, the same for every model; with ``masks`` each box's
+    instance mask (the ellipse inscribed in it)."""
     generator = torch.Generator().manual_seed(seed)
     images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator) for _ in range(batch_size)]
     targets = []
@@ -99,6 +101,11 @@ def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, 
         wh = (torch.rand(n, 2, generator=generator) * 0.3 + 0.05) * torch.tensor([width, height])
         targets.append({"boxes": torch.cat([xy, xy + wh], dim=1),
                         "labels": torch.randint(1, num_classes + 1, (n,), generator=generator)})
+        if masks:
+            ys, xs = torch.arange(height)[:, None] + 0.5, torch.arange(width)[None, :] + 0.5
+            centre, half = xy + wh / 2, wh / 2
+            targets[-1]["masks"] = torch.stack([((xs - cx) / hw) ** 2 + ((ys - cy) / hh) ** 2 <= 1
+                                                for (cx, cy), (hw, hh) in zip(centre, half)]).to(torch.uint8)
     return images, targets
 
 
@@ -108,7 +115,9 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
     average pooling is the box head; ``dc5``: ``layer4`` dilated, one level, 7x7 RoIAlign and two fc
     layers), depth, classes and anchors, a FrozenBN ResNet with the stem and ``layer1`` frozen (torchvision's
     own COCO training setting), and the config's RPN and RoI-head sampling, thresholds and top-k. Its
-    internal resize is set to the benchmark's image size, so both models see the same pixels."""
+    internal resize is set to the benchmark's image size, so both models see the same pixels. With
+    ``model.masks``, its ``MaskRCNN`` with the config's mask head (FPN and DC5: torchvision has no C4 mask
+    branch, which shares the box head's ``res5``)."""
     top = resolve_detector_config(config.model)
     layout = top["layout"]
     settings = _torchvision_settings(top["rpn"], top["roi_heads"], height, width)
@@ -120,11 +129,31 @@ def torchvision_detector(config, height: int, width: int) -> torch.nn.Module:
     sizes = tuple(tuple(level) for level in anchors["sizes"])
     ratios = tuple(tuple(level) for level in anchors["aspect_ratios"]) * (len(sizes) if len(anchors["aspect_ratios"]) == 1 else 1)
     anchor_generator = AnchorGenerator(sizes, ratios)
+    if top["masks"]:
+        settings = {**settings, **_torchvision_mask_settings(top, layout, body, num_classes)}
+    detector = torchvision.models.detection.MaskRCNN if top["masks"] else torchvision.models.detection.FasterRCNN
     if layout == "fpn":
-        return torchvision.models.detection.FasterRCNN(
-            _resnet_fpn_extractor(body, 3), num_classes=num_classes, rpn_anchor_generator=anchor_generator, **settings
-        )
-    return _torchvision_single_level(body, layout, top["roi_heads"], anchor_generator, num_classes, settings)
+        predictor = settings.pop("mask_predictor", None)  # MaskRCNN takes it only without num_classes
+        model = detector(_resnet_fpn_extractor(body, 3), num_classes=num_classes, rpn_anchor_generator=anchor_generator,
+                         **settings)
+        if predictor is not None:
+            model.roi_heads.mask_predictor = predictor
+        return model
+    return _torchvision_single_level(body, layout, top["roi_heads"], anchor_generator, num_classes, settings, detector)
+
+
+def _torchvision_mask_settings(top: dict, layout: str, body, num_classes: int) -> dict:
+    """``MaskRCNN``'s mask pooler, head and predictor for the config's ``mask_head``."""
+    if layout == "c4":
+        raise UserError("--compare torchvision: torchvision has no C4 Mask R-CNN (its mask branch cannot share the "
+                        "box head's res5); compare an fpn or dc5 layout")
+    mask = top["mask_head"]
+    channels = top["fpn"]["out_channels"] if layout == "fpn" else body.layer4[-1].conv1.in_channels
+    names = ["0", "1", "2", "3"] if layout == "fpn" else ["0"]
+    dims = [mask["conv_dim"]] * mask["num_conv"]
+    return {"mask_roi_pool": MultiScaleRoIAlign(names, mask["pooler_resolution"], mask["sampling_ratio"]),
+            "mask_head": MaskRCNNHeads(channels, dims, 1),
+            "mask_predictor": MaskRCNNPredictor(dims[-1] if dims else channels, mask["conv_dim"], num_classes)}
 
 
 def _torchvision_settings(rpn: dict, roi: dict, height: int, width: int) -> dict:
@@ -143,7 +172,7 @@ def _torchvision_settings(rpn: dict, roi: dict, height: int, width: int) -> dict
 
 
 def _torchvision_single_level(body, layout: str, roi: dict, anchor_generator, num_classes: int,
-                              settings: dict) -> torch.nn.Module:
+                              settings: dict, detector=torchvision.models.detection.FasterRCNN) -> torch.nn.Module:
     """The ``c4`` or ``dc5`` ``FasterRCNN`` on the ResNet ``body``: one feature level, the stem and
     ``layer1`` frozen; ``c4``: ``layer4`` + average pooling is the box head, ``dc5``: two fc layers."""
     for module in (body.conv1, body.layer1):
@@ -160,7 +189,7 @@ def _torchvision_single_level(body, layout: str, roi: dict, anchor_generator, nu
         head_channels = roi["fc_dim"]
         box_head = TwoMLPHead(trunk_channels * resolution**2, head_channels)
     trunk.out_channels = trunk_channels
-    return torchvision.models.detection.FasterRCNN(
+    return detector(
         trunk, num_classes=None, rpn_anchor_generator=anchor_generator,
         rpn_head=RPNHead(trunk_channels, anchor_generator.num_anchors_per_location()[0]),
         box_roi_pool=MultiScaleRoIAlign(["0"], resolution, roi["sampling_ratio"]), box_head=box_head,
@@ -307,7 +336,8 @@ def benchmark_models(args, config) -> dict:
     if args.compare == "onnxruntime":  # the same model exported (or --weights FILE.onnx), run on ONNX Runtime
         runners.append(Runner("onnxruntime", onnx_runner(runners[0].model, config, args.mode, args.weights),
                               args.mode, device, None, False))
-    images, targets = synthetic_batch(args.batch_size, height, width, config.model.get("num_classes", 80))
+    images, targets = synthetic_batch(args.batch_size, height, width, config.model.get("num_classes", 80),
+                                      masks=bool(config.model.get("masks")))
     for runner in runners:  # warm-up, then alternate the models iteration by iteration
         for _ in range(args.warmup):
             runner.step(images, targets)
@@ -331,7 +361,10 @@ def benchmark_models(args, config) -> dict:
         results["time_ratio"] = ours["seconds_per_iteration"] / theirs["seconds_per_iteration"]
         key = "peak_memory_bytes" if device.type == "cuda" else None
         results["memory_ratio"] = ours[key] / theirs[key] if key else None
-        results["same_parameters"] = ours["parameters"] == theirs["parameters"] if args.compare == "torchvision" else None
+        # torchvision's mask predictor has a map for the background class too (conv_dim weights and a bias)
+        extra = config.model.get("mask_head", {}).get("conv_dim", 256) + 1 if config.model.get("masks") else 0
+        results["same_parameters"] = (ours["parameters"] + extra == theirs["parameters"] if args.compare == "torchvision"
+                                      else None)
         if results["same_parameters"] is False:  # e.g. a narrower FPN or fc head than torchvision builds
             print(f"warning: torchvision's side has {theirs['parameters']:,} parameters, ours {ours['parameters']:,}: "
                   "it does not mirror this config's architecture, the ratios compare different models", file=sys.stderr)
