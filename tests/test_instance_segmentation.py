@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,55 @@ def test_mask_quickstart_learns_masks(tmp_path):
     result = train(get_task(config.task), config)
     assert result.metrics["segm/AP"] >= 0.08 and result.metrics["bbox/AP"] >= 0.08, result.metrics
     assert (tmp_path / "run" / "visualizations").is_dir() and (tmp_path / "run" / "pr_curves_segm.png").is_file()
+
+
+def test_mask_head_presence_mismatch_is_named_and_fine_tuning_starts_it_anew(caplog):
+    """A Mask R-CNN checkpoint for a Faster R-CNN config (and the reverse) is a one-line error naming the key
+    to set; fine-tuning a Mask R-CNN from a Faster R-CNN checkpoint loads everything else strictly and leaves
+    the mask head initialised, logged."""
+    from backbones.errors import UserError
+
+    faster = build_detector(load_config(CONFIGS / "detectron2" / "faster_rcnn_R_50_FPN_1x.yaml", NARROW[:4] + NARROW[5:]).model)
+    with pytest.raises(UserError, match="are a Mask R-CNN's .* set model.masks=true"):
+        load_detector_weights(faster, REFERENCE / "mask_rcnn_R_50_FPN_1x.pkl")
+    masked = build_detector(load_config(CONFIGS / "detectron2" / "mask_rcnn_R_50_FPN_1x.yaml", NARROW).model)
+    with pytest.raises(UserError, match="hold no mask head but the config's model is a Mask R-CNN"):
+        load_detector_weights(masked, REFERENCE / "faster_rcnn_R_50_FPN_1x.pkl")
+    initial = {k: v.clone() for k, v in masked.state_dict().items() if "mask_head" in k}
+    with caplog.at_level("INFO"):
+        load_detector_weights(masked, REFERENCE / "faster_rcnn_R_50_FPN_1x.pkl", new_classes=True)
+    assert "left initialised: the mask head" in caplog.text
+    assert all(torch.equal(masked.state_dict()[k], v) for k, v in initial.items())
+    with open(REFERENCE / "faster_rcnn_R_50_FPN_1x.pkl", "rb") as f:  # the rest: the file's
+        theirs = pickle.load(f)["model"]["proposal_generator.rpn_head.conv.weight"]
+    assert torch.equal(masked.state_dict()["rpn.head.conv.weight"], torch.from_numpy(theirs))
+
+
+def test_infer_tool_writes_detectron2_masks_as_rle(tmp_path):
+    """tools/infer.py with a detectron2 Mask R-CNN config and its zoo-format ``.pkl``: ``predictions.json``
+    carries each detection's mask as COCO RLE, detectron2's own masks (IoU >= 0.99), and the drawing shows
+    them (filled, in the class colours)."""
+    from tools.infer import main
+
+    reference = json.loads((REFERENCE / "mask_rcnn_R_50_FPN_1x_outputs.json").read_text())
+    file = "000000444010.jpg"  # 480 x 640
+    expected = reference["images"][file]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(_photo(file).permute(1, 2, 0).numpy()).save(folder / "000000444010.png")  # lossless
+    assert main([str(CONFIGS / "detectron2" / "mask_rcnn_R_50_FPN_1x.yaml"), "--weights",
+                 str(REFERENCE / "mask_rcnn_R_50_FPN_1x.pkl"), "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "data.min_size_test=480", "data.max_size_test=640", f"data.root={tmp_path / 'no_coco_here'}",
+                 "--draw-threshold", "0.0", *NARROW]) == 0
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(predictions) == len(expected["boxes"])
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in predictions)])
+    match = _match(boxes, torch.tensor(expected["boxes"]))
+    ours = mask_utils.decode([{**predictions[i]["segmentation"], "counts": predictions[i]["segmentation"]["counts"].encode()}
+                              for i in match.tolist()])
+    theirs = mask_utils.decode([{**rle, "counts": rle["counts"].encode()} for rle in expected["masks_rle"]])
+    ious = [_iou(torch.from_numpy(ours[..., k]).bool(), torch.from_numpy(theirs[..., k]).bool()) for k in range(len(match))]
+    assert min(ious) >= 0.99
+    drawn = np.asarray(Image.open(tmp_path / "out" / "000000444010.png").convert("RGB")).astype(int)
+    inside = torch.from_numpy(theirs.any(axis=2)).numpy()
+    assert (np.abs(drawn - _photo(file).permute(1, 2, 0).numpy()).sum(2)[inside] > 0).mean() > 0.9  # masks filled

@@ -8,6 +8,7 @@ strict load: every tensor placed, every shape checked.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from backbones.weights import (
 )
 
 from .model import FasterRCNN
+
+logger = logging.getLogger(__name__)
 
 PREDICTOR_KEYS = tuple(f"roi_heads.predictor.{layer}.{p}" for layer in ("cls_score", "bbox_pred") for p in ("weight", "bias")) + (
     "roi_heads.mask_head.predictor.weight", "roi_heads.mask_head.predictor.bias")  # the per-class parts
@@ -129,6 +132,24 @@ def _check_detectron2_normalization(model: FasterRCNN, state: dict[str, torch.Te
                                 "to the checkpoint's")
 
 
+def _check_mask_head(model: FasterRCNN, state: dict[str, torch.Tensor], source: str, new_classes: bool) -> None:
+    """A checkpoint with a mask head for a model without one, or the other way round, is a ``UserError``
+    saying which key to set; except that fine-tuning a Mask R-CNN from a Faster R-CNN (``new_classes``)
+    starts its mask head initialised (logged), the rest loading strictly."""
+    has_masks = any(k.startswith("roi_heads.mask_head.") for k in state)
+    if has_masks and not model.has_masks:
+        raise UserError(f"weights {source} are a Mask R-CNN's (they hold a mask head) but the config's model has "
+                        "none: set model.masks=true (configs/mask_rcnn_*.yaml) to load them")
+    if model.has_masks and not has_masks:
+        if not new_classes:
+            raise UserError(f"weights {source} hold no mask head but the config's model is a Mask R-CNN "
+                            "(model.masks: true): give a Mask R-CNN's weights, set model.masks=false, or start "
+                            "training from them with model.weights (the mask head then starts initialised)")
+        own = {k: v for k, v in model.state_dict().items() if k.startswith("roi_heads.mask_head.")}
+        logger.info("left initialised: the mask head (%d tensors; %s has none)", len(own), source)
+        state.update(own)
+
+
 def detect_detector_format(state: dict[str, torch.Tensor]) -> str:
     """``torchvision-detection``, ``detectron2-detection`` or ``native``."""
     if any(k.startswith("backbone.body.") for k in state) and any(k.startswith("roi_heads.box_predictor.") for k in state):
@@ -160,6 +181,7 @@ def load_detector_weights(model: FasterRCNN, source: str | Path, new_classes: bo
         _check_detectron2_normalization(model, state, source)
         state, unexpected = remap_keys(state, _map_detectron2_detection_key)
         state = _from_detectron2_layout(model, state)
+    _check_mask_head(model, state, source, new_classes)
     if new_classes:
         keep_new_heads(model, state, PREDICTOR_KEYS)
     hints = {"torchvision-detection": "is model.num_classes right? torchvision's COCO detectors have 90 classes + background",
