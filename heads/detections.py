@@ -51,7 +51,7 @@ class Detections(Sequence):
         return [{name: field[i, :count] for name, field in self.fields.items()} for i, count in enumerate(counts)]
 
     def replace(self, **fields: torch.Tensor) -> "Detections":
-        """The same detections with the given fields replaced (same leading ``(N, D)``)."""
+        """The same detections with the given fields replaced or added (same leading ``(N, D)``)."""
         return Detections({**self.fields, **fields}, self.valid)
 
     def cpu(self) -> "Detections":

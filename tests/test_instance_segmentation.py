@@ -224,10 +224,10 @@ def test_mask_configs_are_complete():
 
 
 def test_mask_quickstart_learns_masks(tmp_path):
-    """configs/quickstart_mask.yaml for its first 300 iterations (the schedule's length; the whole 800 are a
-    few minutes on 2 CPU cores, too long for the test command: tests/test_cuda.py holds them to the README's
-    bar): box and mask AP of at least 0.08 on the held-out synthetic split (0.13 and 0.14 measured; an
-    untrained model scores 0), the curves of both and the drawings written."""
+    """configs/quickstart_mask.yaml for 300 iterations (the schedule's length; the 1000 it ships with take
+    7-9 minutes on 2 CPU cores, too long for the test command: tests/test_cuda.py holds them to the README's
+    bar on a GPU): box and mask AP of at least 0.08 on the held-out synthetic split (an untrained model
+    scores 0), the curves of both and the drawings written."""
     from tasks.engine import train
     from tasks.registry import get_task
 
