@@ -24,14 +24,19 @@ def _images(count=2, size=(128, 160)):
     return [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=generator) for _ in range(count)]
 
 
-def _targets(count=2):
-    return [{"boxes": torch.tensor([[10.0, 10, 60, 70], [80, 40, 150, 120]]), "labels": torch.tensor([1, 2])},
-            {"boxes": torch.tensor([[5.0, 20, 90, 100]]), "labels": torch.tensor([3])}][:count]
+def _targets(count=2, masks=False, size=(128, 160)):
+    targets = [{"boxes": torch.tensor([[10.0, 10, 60, 70], [80, 40, 150, 120]]), "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[5.0, 20, 90, 100]]), "labels": torch.tensor([3])}][:count]
+    for target in targets if masks else ():  # each box's instance: the box filled
+        target["masks"] = torch.zeros((len(target["boxes"]), *size), dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(target["masks"], target["boxes"].int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+    return targets
 
 
-def _detector_graphs(layout: str) -> dict[str, tuple[int, int]]:
+def _detector_graphs(layout: str, masks: bool = False) -> dict[str, tuple[int, int]]:
     torch.manual_seed(0)
-    model = tiny_detector(layout)
+    model = tiny_detector(layout, **({"masks": True, "mask_head": {"conv_dim": 16}} if masks else {}))
     counts = {}
     with torchvision_roi_align(model):  # the kernel CUDA takes (the sparse CPU one pools level by level)
         model.eval()
@@ -39,7 +44,7 @@ def _detector_graphs(layout: str) -> dict[str, tuple[int, int]]:
             result = explained(model, _images())
         counts["infer"] = (result.graph_count, result.graph_break_count)
         model.train()
-        result = explained(lambda images, targets: sum(model(images, targets).values()), _images(), _targets())
+        result = explained(lambda images, targets: sum(model(images, targets).values()), _images(), _targets(masks=masks))
         counts["train"] = (result.graph_count, result.graph_break_count)
     return counts
 
@@ -50,6 +55,13 @@ def test_whole_detector_is_one_graph_under_the_compile_settings(layout):
     the training step (forward and losses) and the inference call are each one graph, no break."""
     with compile_settings():
         assert _detector_graphs(layout) == {"infer": (1, 0), "train": (1, 0)}
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4"])
+def test_mask_rcnn_is_one_graph_under_the_compile_settings(layout):
+    """The mask head (targets, loss, class maps; C4's shared res5) keeps the detector one graph, no break."""
+    with compile_settings():
+        assert _detector_graphs(layout, masks=True) == {"infer": (1, 0), "train": (1, 0)}
 
 
 def test_detector_breaks_with_dynamos_defaults_where_the_data_decides_a_size():

@@ -118,11 +118,11 @@ class FasterRCNN(nn.Module):
 
 
 def pad_targets(targets: Sequence[dict[str, torch.Tensor]], device: torch.device,
-                batch_size: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+                padded_size: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
     """Each image's ``boxes``, ``labels`` and ``iscrowd`` (zeros where absent), padded with label 0 (matched
     by nothing: the classes are 1..K) to one count for the batch, the next power of two from 8 up that holds
     its largest: the count of a compiled graph's inputs takes few values. ``masks`` ``(G, h, w)``, where the
-    targets have them, are padded with zeros to that count and to the padded batch's ``batch_size`` (H, W).
+    targets have them, are padded with zeros to that count and to the batch's ``padded_size`` (H, W).
     On ``device``, copied non-blocking (the DataLoader's pinned memory: the host does not wait). Nothing
     else of a target goes to the device."""
     count = max([len(t["boxes"]) for t in targets] + [8])
@@ -137,7 +137,7 @@ def pad_targets(targets: Sequence[dict[str, torch.Tensor]], device: torch.device
                  "iscrowd": F.pad(crowd.to(device, non_blocking=True), [0, extra])}
         if "masks" in target:
             masks = target["masks"]
-            height, width = batch_size if batch_size is not None else masks.shape[-2:]
+            height, width = padded_size if padded_size is not None else masks.shape[-2:]
             image["masks"] = F.pad(masks.to(device, non_blocking=True),
                                    [0, width - masks.shape[-1], 0, height - masks.shape[-2], 0, extra])
         padded.append(image)
