@@ -361,8 +361,9 @@ def benchmark_models(args, config) -> dict:
         results["time_ratio"] = ours["seconds_per_iteration"] / theirs["seconds_per_iteration"]
         key = "peak_memory_bytes" if device.type == "cuda" else None
         results["memory_ratio"] = ours[key] / theirs[key] if key else None
-        # torchvision's mask predictor has a map for the background class too (conv_dim weights and a bias)
-        extra = config.model.get("mask_head", {}).get("conv_dim", 256) + 1 if config.model.get("masks") else 0
+        # torchvision's mask predictor has a map for the background class too (one weight per input channel, a bias)
+        model = runners[0].model
+        extra = model.roi_heads.mask_head.predictor.in_channels + 1 if getattr(model, "has_masks", False) else 0
         results["same_parameters"] = (ours["parameters"] + extra == theirs["parameters"] if args.compare == "torchvision"
                                       else None)
         if results["same_parameters"] is False:  # e.g. a narrower FPN or fc head than torchvision builds
