@@ -64,6 +64,9 @@ class DataConfig:
     max_size_test: int = 1333
     flip_prob: float = 0.5
     num_workers: int = 4
+    # num_workers > 0: a training batch not delivered within this many seconds (a read that never returns: a
+    # network file system that does not answer) stops the run naming the batch's images; 0: wait for ever
+    timeout_s: float = 300.0
     # detection: [[H, W], ...], each batch padded to the smallest that holds it (rounded up to the backbone's
     # size divisibility; a larger batch keeps its own size), so that a compiled model (train.compile) makes one
     # graph a bucket, not one a batch shape; []: each batch padded to its own largest image
@@ -116,6 +119,11 @@ class TrainConfig:
     # recorded graph per batch shape (data.size_buckets keeps them few) replayed with one launch; CUDA only,
     # and not with train.compile (which compiles the backbone into its own graph)
     cuda_graphs: bool = False
+    # several processes: a process that stops answering or making progress ends the job within this many
+    # seconds, with a line naming its rank (tasks/engine/watchdog.py); also the process group's collective
+    # timeout. Longer than the longest legitimate wait (the main process's checkpoint write, its drawings);
+    # 0: accelerate's default (30 min) and no watchdog
+    collective_timeout_s: float = 600.0
 
 
 @dataclass

@@ -167,7 +167,9 @@ def test_a_stop_signal_with_a_check_period_stops_at_the_next_check_and_resumes_e
         run(shapes, tmp_path / "stopped", *common, task=with_training_hook(sigterm_at_6))
     assert stopped.value.iteration == 8
     assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text() == "iter_0000008"
+    assert [r["iteration"] for r in losses(tmp_path / "stopped")] == [5, 8]  # the partial window 6..8 logged
     resumed = run(shapes, tmp_path / "stopped", *common)
+    assert [r["iteration"] for r in losses(tmp_path / "stopped")] == [5, 8, 10]  # no gap, no repeated point
     assert resumed.iterations == 10 and resumed.metrics == pytest.approx(reference.metrics, abs=1e-6)
     got, expected = (load_file(tmp_path / name / "model.safetensors") for name in ("stopped", "reference"))
     assert got.keys() == expected.keys()

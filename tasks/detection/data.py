@@ -128,6 +128,10 @@ class CocoDetection(CocoSplit):
     def __len__(self) -> int:
         return len(self.image_rows)
 
+    def describe(self, index: int) -> str:
+        """Item ``index``'s image file (what an error names)."""
+        return str(self.image_dir / self.table.file_name(int(self.image_rows[index])))
+
     def aspect_groups(self) -> list[int]:
         """0 for landscape (w >= h), 1 for portrait: the training stream batches them apart."""
         return (self.table.widths[self.image_rows] < self.table.heights[self.image_rows]).astype(int).tolist()

@@ -29,12 +29,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -45,11 +46,12 @@ from tasks.config import Config, TrainConfig, check_config, to_yaml
 from tasks.data.images import worker_leaves_stops_to_its_process
 from tasks.modeling.compiling import capture_cuda_graphs, compile_model, compiled_graphs
 
-from .checkpoints import CheckpointDir, write_json
+from .checkpoints import MANIFEST, CheckpointDir, verify, write_json
 from .protocol import Task
 from .schedules import lr_lambda, param_groups
 from .signals import StopSignals
 from .stream import Resumed, TrainingStream
+from .watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +67,34 @@ class NonFiniteLossError(UserError):
     """The loss became NaN or infinite: the run stops, naming the iteration, the terms and the last good checkpoint."""
 
 
-def make_accelerator(**kwargs: Any) -> Accelerator:
+def make_accelerator(collective_timeout_s: float = 0.0, **kwargs: Any) -> Accelerator:
     """An ``Accelerator``; on a machine without an accelerator device it is told so (``cpu=True``), which
     is what makes ``accelerate launch --multi_gpu --num_processes N`` run N gloo processes on the CPU
-    instead of N unrelated single processes."""
+    instead of N unrelated single processes. ``collective_timeout_s`` > 0: the process group's timeout."""
     has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if collective_timeout_s > 0:
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))]
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if restart and not torch.distributed.is_initialized():
+        _join_restarted_group(restart, has_device, timedelta(seconds=collective_timeout_s or 1800))
     return Accelerator(cpu=not has_device, **kwargs)
+
+
+def _join_restarted_group(restart: int, has_device: bool, timeout: timedelta) -> None:
+    """The process group of workers restarted by torchrun's agent (``accelerate launch --max_restarts``), with
+    its keys in the agent's store under this restart's own prefix. torch's ``env://`` rendezvous writes every
+    attempt's keys to the same names of the same store (the agent's, which outlives its workers), so a
+    restarted worker can read a lost worker's address and fail to connect (``Gloo connectFullMesh failed``)."""
+    device = torch.accelerator.current_accelerator().type if has_device and hasattr(torch, "accelerator") else \
+        ("cuda" if has_device else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                       timeout=timeout)
+    torch.distributed.init_process_group(
+        torch.distributed.Backend.default_device_backend_map.get(device, "gloo"),
+        store=torch.distributed.PrefixStore(f"resdet/restart_{restart}/", store),
+        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 class _Progress:
@@ -118,9 +142,12 @@ class _Run:
     checkpoints: CheckpointDir
     val_set: Dataset
     batches: Iterator[tuple[list, list]]
+    loader: DataLoader | None = None  # the training batches' loader (its batch sampler knows which images they hold)
+    batches_read: int = 0
     seen_images: list[int] = field(default_factory=list)  # the first image ids of this process (world.json)
     window: _Window = field(default_factory=_Window)
     checks: _Checks = field(default_factory=_Checks)
+    watchdog: Watchdog | None = None  # set while the loop runs
 
     @property
     def output_dir(self) -> Path:
@@ -135,40 +162,62 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
     raises ``TrainingInterrupted``; ``resume=auto`` continues exactly where it stopped."""
     config = check_config(config, task)  # the model's defaults resolved: config.yaml rebuilds this very model
     checkpoints = CheckpointDir(Path(config.output_dir), config.train.keep_checkpoints)
-    resume_from = _resume_point(config, checkpoints)
-    run = _setup(task, config, accelerator or _accelerator_for(config), checkpoints, resume_from)
+    accelerator = accelerator or _accelerator_for(config)
+    resume_from = _resume_point(config, checkpoints, accelerator.is_main_process)
+    run = _setup(task, config, accelerator, checkpoints, resume_from)
     cfg, progress = config.train, run.progress
     bar = tqdm(total=cfg.max_iters, initial=progress.iteration, disable=not run.accelerator.is_main_process,
                desc="train", dynamic_ncols=True, mininterval=1.0)
-    with StopSignals() as stop, bar:  # the bar is closed (its line ended) before any error is printed
-        while progress.iteration < cfg.max_iters:
-            stop_agreed = _step(run, stop)
-            run.scheduler.step()
-            progress.iteration += 1
-            run.window.iterations += 1
-            bar.update(1)
-            _periodic(run, bar, stop if stop_agreed else None)
-        bar.close()
-        checkpoints.save(run.accelerator, progress.iteration)
-    # from here on a signal stops the process as usual: the final checkpoint is written, and a run resumed from
-    # it only evaluates
-    return _finish(run)
+    with Watchdog(accelerator, cfg.collective_timeout_s, checkpoints.latest) as run.watchdog:
+        with StopSignals() as stop, bar:  # the bar is closed (its line ended) before any error is printed
+            try:
+                while progress.iteration < cfg.max_iters:
+                    stop_agreed = _step(run, stop)
+                    run.scheduler.step()
+                    progress.iteration += 1
+                    run.watchdog.mark(progress.iteration)
+                    run.window.iterations += 1
+                    bar.update(1)
+                    _periodic(run, bar, stop if stop_agreed else None)
+            except RuntimeError as error:  # the DataLoader's own words for a lost worker or a stalled read
+                data_fault = _data_fault(run, error)
+                if data_fault is None:
+                    raise
+                raise data_fault from error
+            bar.close()
+            checkpoints.save(run.accelerator, progress.iteration)
+        # from here on a signal stops the process as usual: the final checkpoint is written, and a run resumed
+        # from it only evaluates
+        return _finish(run)
 
 
-def _resume_point(config: Config, checkpoints: CheckpointDir) -> Path | None:
-    """The checkpoint folder ``config.resume`` names (``auto``: the latest, if any), checked to exist."""
+def _resume_point(config: Config, checkpoints: CheckpointDir, report: bool) -> Path | None:
+    """The checkpoint folder ``config.resume`` names, verified against its manifest: ``auto``, the newest
+    intact one if any (a damaged newer one is skipped with a warning); a path, that one or an error."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if restart and config.resume != "auto":  # accelerate launch --max_restarts: the workers were restarted
+        logger.warning("restart %d of the workers (accelerate launch --max_restarts): resuming from the newest "
+                       "intact checkpoint in %s (resume=auto)", restart, checkpoints.root)
+        config.resume = "auto"
     if not config.resume:
         return None
-    resume_from = checkpoints.latest() if config.resume == "auto" else Path(config.resume)
-    if resume_from is not None and not resume_from.is_dir():
+    if config.resume == "auto":
+        return checkpoints.latest_good(report)
+    resume_from = Path(config.resume)
+    if not resume_from.is_dir():
         raise UserFileNotFoundError(f"resume={resume_from}: no such checkpoint folder (give one of "
                                     f"{checkpoints.root}/iter_*, or resume=auto)")
+    problem = verify(resume_from) if (resume_from / MANIFEST).exists() else None
+    if problem:
+        raise UserError(f"resume={resume_from}: the checkpoint is damaged ({problem}); give an earlier one, or "
+                        f"resume=auto to take the newest intact one")
     return resume_from
 
 
 def _accelerator_for(config: Config) -> Accelerator:
     cfg = config.train
     return make_accelerator(
+        cfg.collective_timeout_s,  # a collective that every process waits in (a deadlock) raises after it
         mixed_precision=cfg.mixed_precision if os.environ.get("ACCELERATE_MIXED_PRECISION") is None else None,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with="tensorboard",
@@ -208,6 +257,8 @@ def _setup(task: Task, config: Config, accelerator: Accelerator, checkpoints: Ch
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         logger.info("resumed from %s at iteration %d", resume_from, progress.iteration)
+        if accelerator.is_main_process:
+            _forget_after(output_dir / "metrics.jsonl", progress.iteration)
     elif config.resume == "auto":
         logger.info("resume=auto: no checkpoint in %s yet, starting from scratch", checkpoints.root)
     batches = _loader(task, train_set, config, accelerator, progress.iteration)
@@ -215,7 +266,23 @@ def _setup(task: Task, config: Config, accelerator: Accelerator, checkpoints: Ch
         accelerator.init_trackers("tensorboard")
     model.train()
     return _Run(task, config, accelerator, model, optimizer, scheduler, progress, checkpoints, val_set, iter(batches),
+                batches,
                 checks=_Checks(since=progress.iteration + 1))
+
+
+def _forget_after(log: Path, iteration: int) -> None:
+    """Drop the lines of ``log`` (``metrics.jsonl``) after ``iteration``: those of iterations run past the
+    checkpoint resumed from (before a crash, or a damaged newer checkpoint), which this run logs again."""
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("iteration", 0) <= iteration]
+    if len(kept) < len(lines):
+        tmp = log.with_name(f".{log.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, log)
+        logger.info("%s: %d lines after iteration %d dropped (logged again from the checkpoint)", log,
+                    len(lines) - len(kept), iteration)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, num_processes: int) -> torch.optim.Optimizer:
@@ -244,6 +311,7 @@ def _loader(task: Task, train_set: Dataset, config: Config, accelerator: Acceler
         batch_sampler=Resumed(stream),
         collate_fn=task.collate,
         num_workers=config.data.num_workers,
+        timeout=config.data.timeout_s if config.data.num_workers > 0 else 0,
         pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
         worker_init_fn=worker_leaves_stops_to_its_process,
@@ -261,6 +329,8 @@ def _step(run: _Run, stop: StopSignals) -> bool:
     stop_agreed = False
     for micro in range(cfg.grad_accum_steps):
         images, targets = run.task.loss_inputs(next(run.batches))
+        run.batches_read += 1
+        run.watchdog.mark(run.progress.iteration)
         if len(run.seen_images) < 64:
             run.seen_images.extend(t.get("image_id", -1) for t in targets)
         with accelerator.accumulate(model):
@@ -280,6 +350,35 @@ def _step(run: _Run, stop: StopSignals) -> bool:
         for k, v in losses.items():  # summed on the device; read back only at the log period
             sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum_steps
     return stop_agreed
+
+
+class DataLoaderFault(UserError):
+    """A DataLoader worker died (most often the out-of-memory killer) or a batch did not come in
+    ``data.timeout_s``: the run stops, naming the worker or the images and the last checkpoint."""
+
+
+def _data_fault(run: _Run, error: RuntimeError) -> DataLoaderFault | None:
+    """The one-line error for the DataLoader's ``RuntimeError`` of a lost worker or a timed-out batch (``None``
+    for any other error)."""
+    message, cfg = str(error), run.config
+    latest = run.checkpoints.latest()
+    resume = f"the last checkpoint is {latest or 'none (no checkpoint written yet)'} (resume=auto continues from it)"
+    where = f"at iteration {run.progress.iteration + 1}"
+    if message.startswith("DataLoader timed out"):
+        batch = run.loader.batch_sampler.given(run.batches_read)
+        describe = getattr(run.loader.dataset, "describe", str)
+        images = ", ".join(describe(item[0] if isinstance(item, tuple) else item) for item in batch or [])
+        return DataLoaderFault(
+            f"data loading stalled {where}: no batch in data.timeout_s={cfg.data.timeout_s:g} s; the batch being read "
+            f"holds {images or 'images no longer known'}: a file system that does not answer (a network mount?) or "
+            f"a read that never returns; {resume}")
+    if message.startswith("DataLoader worker") and ("killed by signal" in message or "exited unexpectedly" in message):
+        what = message.rstrip(".").replace("DataLoader worker", "a data loader worker", 1)
+        return DataLoaderFault(
+            f"{what} {where}: most likely the out-of-memory killer (the system log names it): lower "
+            f"data.num_workers (now {cfg.data.num_workers}) or train.batch_size (now {cfg.train.batch_size}), or "
+            f"give the job more memory; {resume}")
+    return None
 
 
 def _check_due(cfg: TrainConfig, iteration: int) -> bool:
@@ -331,7 +430,7 @@ def _periodic(run: _Run, bar: tqdm, stop: StopSignals | None) -> None:
     iterations was checked (``_check_due``) in its ``_step``."""
     cfg, iteration = run.config.train, run.progress.iteration
     last = iteration == cfg.max_iters
-    if iteration % cfg.log_period == 0 or last:
+    if iteration % cfg.log_period == 0 or last or stop is not None:  # a stopped run logs its partial window
         _log(run, bar)
     if stop is not None and not last:
         bar.close()

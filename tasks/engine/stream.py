@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Iterator, Sequence
 
 import torch
@@ -47,10 +48,22 @@ class TrainingStream:
 
 
 class Resumed:
-    """A batch sampler over an already-positioned batch iterator (the DataLoader asks for ``__iter__``)."""
+    """A batch sampler over an already-positioned batch iterator (the DataLoader asks for ``__iter__``). It
+    remembers the last batches it gave out (``given``): the DataLoader returns batches in that order, so the
+    ``k``-th batch it returns is ``given[k]``, which names what a stalled read was reading."""
 
-    def __init__(self, batches: Iterator[list]):
+    def __init__(self, batches: Iterator[list], remember: int = 1024):
         self.batches = batches
+        self.recent: collections.deque[list] = collections.deque(maxlen=remember)
+        self.count = 0  # batches given out so far
 
     def __iter__(self) -> Iterator[list]:
-        return self.batches
+        for batch in self.batches:
+            self.recent.append(batch)
+            self.count += 1
+            yield batch
+
+    def given(self, k: int) -> list | None:
+        """The ``k``-th batch given out (from 0), if still remembered."""
+        position = k - (self.count - len(self.recent))
+        return self.recent[position] if 0 <= position < len(self.recent) else None

@@ -94,6 +94,11 @@ class CocoSegmentation(CocoSplit):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def describe(self, index: int) -> str:
+        """Item ``index``'s image file (what an error names)."""
+        row = int(np.searchsorted(self.table.image_ids, int(self.image_ids[index])))
+        return str(self.image_dir / self.table.file_name(row))
+
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         index, seed = item if isinstance(item, tuple) else (item, None)
         image_id = int(self.image_ids[index])
