@@ -23,6 +23,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 import yaml
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+from accelerate.utils import LoggerType
+from accelerate.utils import imports as accelerate_imports
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -124,6 +127,10 @@ class TrainConfig:
     # timeout. Longer than the longest legitimate wait (the main process's checkpoint write, its drawings);
     # 0: accelerate's default (30 min) and no watchdog
     collective_timeout_s: float = 600.0
+    # the experiment trackers, through accelerate's tracker API (accelerate.utils.LoggerType: tensorboard,
+    # wandb, mlflow, comet_ml, aim, clearml, dvclive, ...): each gets the config as hyper-parameters, the logged
+    # scalars, the validation metrics and the final drawings; metrics.jsonl is written whatever this says
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -148,6 +155,22 @@ class Config:
 
 class ConfigError(UserError):
     """A config that cannot be loaded: names the file or key and, for keys, the closest valid ones."""
+
+
+def _check_tracker(name: str) -> None:
+    """``train.log_with`` entries: accelerate's tracker names, their packages installed."""
+    known = [t.value for t in LoggerType if t.value != "all"]
+    if name not in known:
+        raise ConfigError(f"train.log_with: unknown tracker {name!r}; accelerate's trackers are {', '.join(known)}")
+    package = {"comet_ml": "comet-ml", "mlflow": "mlflow-skinny"}.get(name, name)
+    if name in LOGGER_TYPE_TO_CLASS and not _tracker_available(name):
+        raise ConfigError(f"train.log_with: {name} is not installed (pip install {package}), or remove it from "
+                          "train.log_with")
+
+
+def _tracker_available(name: str) -> bool:
+    check = getattr(accelerate_imports, f"is_{name}_available", None)
+    return bool(check()) if check is not None else True
 
 
 def merge_sections(base: Any, override: Any) -> Any:
@@ -309,6 +332,8 @@ def check_config(config: Config, task: Any) -> Config:
             raise ConfigError(f"{key} must be at least {least}, got {_value(config, key)}")
     if any(s < 1 for s in config.data.min_size_train) or not config.data.min_size_train:
         raise ConfigError(f"data.min_size_train must be a list of positive sizes, got {config.data.min_size_train}")
+    for tracker in config.train.log_with:
+        _check_tracker(tracker)
     if config.train.cuda_graphs and config.train.compile:
         raise ConfigError("train.cuda_graphs and train.compile: choose one (train.compile compiles the backbone "
                           "into its own graph; train.cuda_graphs captures the backbone alone and runs the heads eagerly)")

@@ -35,7 +35,7 @@ def read_image(path: str | Path, image_id: int | str | None = None, annotation_f
     details = ([f"image id {image_id}"] if image_id is not None else []) + (
         [f"listed in {annotation_file}"] if annotation_file else [])
     where = f"{path}" + (f" ({', '.join(details)})" if details else "")
-    if not path.is_file():
+    if not path.exists() or path.is_dir():  # (a FIFO or a device is read as it is)
         raise UserFileNotFoundError(f"image file not found: {where}; check data.root and the image folder")
     try:
         data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))

@@ -47,11 +47,12 @@ from tasks.data.images import worker_leaves_stops_to_its_process
 from tasks.modeling.compiling import capture_cuda_graphs, compile_model, compiled_graphs
 
 from .checkpoints import MANIFEST, CheckpointDir, verify, write_json
+from .cluster import Watchdog, join_process_group, start_number
 from .protocol import Task
 from .schedules import lr_lambda, param_groups
 from .signals import StopSignals
 from .stream import Resumed, TrainingStream
-from .watchdog import Watchdog
+from .trackers import log_drawings, start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -74,27 +75,10 @@ def make_accelerator(collective_timeout_s: float = 0.0, **kwargs: Any) -> Accele
     has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     if collective_timeout_s > 0:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))]
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
-    if restart and not torch.distributed.is_initialized():
-        _join_restarted_group(restart, has_device, timedelta(seconds=collective_timeout_s or 1800))
-    return Accelerator(cpu=not has_device, **kwargs)
-
-
-def _join_restarted_group(restart: int, has_device: bool, timeout: timedelta) -> None:
-    """The process group of workers restarted by torchrun's agent (``accelerate launch --max_restarts``), with
-    its keys in the agent's store under this restart's own prefix. torch's ``env://`` rendezvous writes every
-    attempt's keys to the same names of the same store (the agent's, which outlives its workers), so a
-    restarted worker can read a lost worker's address and fail to connect (``Gloo connectFullMesh failed``)."""
     device = torch.accelerator.current_accelerator().type if has_device and hasattr(torch, "accelerator") else \
         ("cuda" if has_device else "cpu")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                       timeout=timeout)
-    torch.distributed.init_process_group(
-        torch.distributed.Backend.default_device_backend_map.get(device, "gloo"),
-        store=torch.distributed.PrefixStore(f"resdet/restart_{restart}/", store),
-        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    join_process_group(device, timedelta(seconds=collective_timeout_s or 1800))  # a restarted worker's
+    return Accelerator(cpu=not has_device, **kwargs)
 
 
 class _Progress:
@@ -117,6 +101,7 @@ class _Window:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     iterations: int = 0
     start: float = field(default_factory=time.perf_counter)
+    data_seconds: float = 0.0  # waited for the loader's batches (the host's clock: no device read)
 
 
 @dataclass
@@ -194,7 +179,7 @@ def train(task: Task, config: Config, accelerator: Accelerator | None = None) ->
 def _resume_point(config: Config, checkpoints: CheckpointDir, report: bool) -> Path | None:
     """The checkpoint folder ``config.resume`` names, verified against its manifest: ``auto``, the newest
     intact one if any (a damaged newer one is skipped with a warning); a path, that one or an error."""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    restart = start_number() - 1
     if restart and config.resume != "auto":  # accelerate launch --max_restarts: the workers were restarted
         logger.warning("restart %d of the workers (accelerate launch --max_restarts): resuming from the newest "
                        "intact checkpoint in %s (resume=auto)", restart, checkpoints.root)
@@ -220,7 +205,7 @@ def _accelerator_for(config: Config) -> Accelerator:
         cfg.collective_timeout_s,  # a collective that every process waits in (a deadlock) raises after it
         mixed_precision=cfg.mixed_precision if os.environ.get("ACCELERATE_MIXED_PRECISION") is None else None,
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with="tensorboard",
+        log_with=list(cfg.log_with) or None,
         project_dir=config.output_dir,
     )
 
@@ -262,8 +247,7 @@ def _setup(task: Task, config: Config, accelerator: Accelerator, checkpoints: Ch
     elif config.resume == "auto":
         logger.info("resume=auto: no checkpoint in %s yet, starting from scratch", checkpoints.root)
     batches = _loader(task, train_set, config, accelerator, progress.iteration)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("tensorboard")
+    start_trackers(config, accelerator, resumed=resume_from is not None)
     model.train()
     return _Run(task, config, accelerator, model, optimizer, scheduler, progress, checkpoints, val_set, iter(batches),
                 batches,
@@ -328,7 +312,9 @@ def _step(run: _Run, stop: StopSignals) -> bool:
     due = _check_due(cfg, run.progress.iteration + 1)
     stop_agreed = False
     for micro in range(cfg.grad_accum_steps):
+        waited = time.perf_counter()
         images, targets = run.task.loss_inputs(next(run.batches))
+        run.window.data_seconds += time.perf_counter() - waited
         run.batches_read += 1
         run.watchdog.mark(run.progress.iteration)
         if len(run.seen_images) < 64:
@@ -450,15 +436,25 @@ def _log(run: _Run, bar: tqdm) -> None:
     values = accelerator.reduce(values, reduction="mean")
     scalars = dict(zip(keys, values.tolist()))
     scalars["loss"] = sum(v for k, v in scalars.items() if k.startswith("loss"))
-    elapsed = time.perf_counter() - window.start
-    scalars.update(lr=run.scheduler.get_last_lr()[0], iters_per_second=window.iterations / max(elapsed, 1e-9))
+    elapsed = max(time.perf_counter() - window.start, 1e-9)
+    cfg = run.config.train
+    images = window.iterations * cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
+    scalars.update(lr=run.scheduler.get_last_lr()[0], iters_per_second=window.iterations / elapsed,
+                   images_per_second=images / elapsed, data_wait=window.data_seconds / elapsed)
+    if accelerator.device.type == "cuda":  # this process's peak since the last log line
+        scalars["gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     if run.config.train.compile:  # how many graphs the run has compiled so far (data.size_buckets bounds them)
         scalars["compiled_graphs"] = compiled_graphs()
     if accelerator.is_main_process:
         with open(run.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"iteration": run.progress.iteration, **scalars}) + "\n")
         accelerator.log(scalars, step=run.progress.iteration)
-        bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2g}")
+        postfix = {"loss": f"{scalars['loss']:.3f}", "lr": f"{scalars['lr']:.2g}",
+                   "img/s": f"{scalars['images_per_second']:.1f}", "data": f"{scalars['data_wait']:.0%}"}
+        if "gpu_memory_gb" in scalars:
+            postfix["mem"] = f"{scalars['gpu_memory_gb']:.1f}G"
+        bar.set_postfix(postfix)
     run.window = _Window()
 
 
@@ -509,6 +505,7 @@ def _finish(run: _Run) -> TrainResult:
     if accelerator.is_main_process:
         write_json(output_dir / "metrics.json", {"iteration": iteration, **metrics})
         run.task.visualize(_plain(run), run.val_set, output_dir / "visualizations", run.config)
+        log_drawings(accelerator, output_dir / "visualizations", iteration)
     accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
     accelerator.end_training()
     return TrainResult(output_dir, metrics, iteration)

@@ -1,5 +1,15 @@
-"""No silent hang: every process of a multi-process run watches the others, and a process that stops making
-progress ends the whole job within ``train.collective_timeout_s`` with one line naming it.
+"""The processes of a job on a cluster: how restarted workers find each other (``join_process_group``), and
+how each watches the others (``Watchdog``).
+
+**Restarts.** torchrun's agent (``accelerate launch --max_restarts N``) restarts every worker of the job when
+one is lost. torch's ``env://`` rendezvous writes each attempt's keys under the same names of the same store
+(the agent's, which outlives its workers), so a restarted worker can read a lost worker's address and fail to
+connect (``Gloo connectFullMesh failed``). ``join_process_group`` counts each rank's starts in that store; a
+restarted worker (its rank's start 2, 3, ...: the same on every machine, since all workers restart together)
+joins a process group whose keys carry that number.
+
+**No silent hang**: a process that stops making progress ends the whole job within
+``train.collective_timeout_s`` with one line naming it.
 
 Each process runs one daemon thread. Every ``period`` seconds it posts to the rendezvous store (the TCP store
 ``accelerate launch`` / torchrun already runs at ``MASTER_ADDR:MASTER_PORT``) a heartbeat (a counter) and the
@@ -22,6 +32,7 @@ here), so the machines' clocks need not agree.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -29,11 +40,43 @@ import time
 from datetime import timedelta
 from typing import Callable
 
+import torch
 from accelerate import Accelerator
 from torch.distributed import PrefixStore, TCPStore
 from tqdm import tqdm
 
 WATCHDOG_EXIT = 3
+
+
+def _agent_store() -> TCPStore | None:
+    """A client of the store torchrun's agent hosts for the job's workers, if this process is such a worker."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return None
+    return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                    timeout=timedelta(seconds=300))
+
+
+@functools.cache
+def start_number() -> int:
+    """How many times this rank's worker has started in this job: 1, then 2, 3, ... after each restart by
+    torchrun's agent (1 outside one)."""
+    store = _agent_store()
+    return int(store.add(f"resdet/starts/rank{os.environ['RANK']}", 1)) if store is not None else 1
+
+
+def join_process_group(device: str, timeout: timedelta) -> None:
+    """A restarted worker's process group (see the module docstring), before accelerate would make one with the
+    lost attempt's keys; the first start leaves it to accelerate. ``device``: ``cpu`` (gloo), ``cuda`` (NCCL),
+    ..., as ``torch.distributed`` maps it."""
+    start = start_number()
+    if start == 1 or torch.distributed.is_initialized():
+        return
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group(
+        torch.distributed.Backend.default_device_backend_map.get(device, "gloo"),
+        store=PrefixStore(f"resdet/start_{start}/", _agent_store()),
+        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 class Watchdog:
@@ -62,8 +105,7 @@ class Watchdog:
         if self.world > 1 and self.timeout_s > 0 and address and port:
             client = TCPStore(address, int(port), is_master=False, timeout=timedelta(seconds=self.timeout_s),
                               wait_for_workers=False)
-            generation = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
-            self._store = PrefixStore(f"resdet/watchdog/{generation}/", client)
+            self._store = PrefixStore(f"resdet/watchdog/{start_number()}/", client)
             self._post("0 0 0")
             self._thread = threading.Thread(target=self._watch, name="resdet-watchdog", daemon=True)
             self._thread.start()
