@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,6 +177,20 @@ def _worker(launcher: subprocess.Popen, local_rank: int) -> int:
     raise AssertionError("no such worker")
 
 
+def _error_line(job: subprocess.Popen, start: str, limit: float) -> list[str]:
+    """The job's stderr read until a line holding ``start`` (returned from there, in a list), or its end; the
+    job is killed if neither comes within ``limit`` seconds."""
+    timer = threading.Timer(limit, job.kill)
+    timer.start()
+    try:
+        for line in job.stderr:
+            if start in line:
+                return [line[line.index(start):].rstrip()]
+        return []
+    finally:
+        timer.cancel()
+
+
 def _wait_logged(out: Path, iteration: int, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
@@ -229,12 +244,8 @@ def test_a_stopped_process_ends_the_job_within_the_timeout_naming_its_rank(shape
     stopped = _worker(job, 1)
     os.kill(stopped, signal.SIGSTOP)
     start = time.monotonic()
-    lines = []
     try:
-        for line in job.stderr:  # until rank 0 names the stopped rank
-            if "error: rank 1 has not answered" in line:
-                lines.append(line[line.index("error: "):].rstrip())
-                break
+        lines = _error_line(job, "error: rank 1 has not answered", limit=timeout + 120)
         noticed = time.monotonic() - start
     finally:  # torchrun's agent would give the stopped worker 30 s to end before killing it: no need to wait
         subprocess.run(["kill", "-9", str(stopped)], capture_output=True)
@@ -263,9 +274,13 @@ def test_a_read_that_never_returns_on_one_process_is_named_by_the_other(shapes, 
     os.mkfifo(path)
     timeout = 8
     job = _launch(*_job_args(data, tmp_path / "run", f"train.collective_timeout_s={timeout}"))
-    done = _finish(job, timeout=timeout + 90)
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error: rank 1 has made no progress")]
-    assert len(lines) == 1, done.stderr[-3000:]
+    stuck = _worker(job, 1)
+    try:
+        lines = _error_line(job, "error: rank 1 has made no progress", limit=timeout + 120)
+    finally:  # the launcher would give the stuck worker 30 s to end before killing it: no need to wait
+        subprocess.run(["kill", "-9", str(stuck)], capture_output=True)
+    done = _finish(job, timeout=60)
+    assert done.returncode != 0 and len(lines) == 1, done.stderr[-3000:]
     assert "at its iteration 1 while rank 0 waits for it: its training loop is stuck" in lines[0]
 
 

@@ -1,6 +1,8 @@
 """The training engine every task shares, on accelerate: the loop (``loop``), the batch order
-(``stream``), the schedule (``schedules``), checkpoints (``checkpoints``), stop signals (``signals``) and
-the interface a task implements (``protocol``). It knows nothing about boxes or masks."""
+(``stream``), the schedule (``schedules``), checkpoints and their manifests (``checkpoints``), stop signals
+(``signals``), the processes of a job on a cluster (``cluster``: restarts, the watchdog), the experiment
+trackers (``trackers``) and the interface a task implements (``protocol``). It knows nothing about boxes or
+masks."""
 
 from .checkpoints import CheckpointDir, write_json
 from .loop import NonFiniteLossError, TrainResult, make_accelerator, train
