@@ -58,6 +58,8 @@ def test_a_damaged_latest_checkpoint_is_found_and_the_run_resumes_from_the_one_b
     problem = verify(latest)
     assert problem.startswith("model.safetensors ") and ("truncated" if how == "truncated" else "SHA-256") in problem
 
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as log:  # and the log's last line cut short by a crash
+        log.write('{"iteration": 5, "loss_rpn_c')
     resumed = run(shapes, tmp_path / "run", "train.max_iters=6")  # resume=auto skips iter_4, takes iter_2
     assert f"checkpoint {latest} is damaged (model.safetensors" in caplog.text
     assert "falling back to the one before it" in caplog.text

@@ -5,11 +5,11 @@ trackers (``trackers``) and the interface a task implements (``protocol``). It k
 masks."""
 
 from .checkpoints import CheckpointDir, write_json
-from .loop import NonFiniteLossError, TrainResult, make_accelerator, train
+from .loop import DataLoaderFault, NonFiniteLossError, TrainResult, make_accelerator, train
 from .protocol import Task
 from .schedules import lr_lambda, param_groups
 from .signals import StopSignals
 from .stream import TrainingStream
 
-__all__ = ["CheckpointDir", "NonFiniteLossError", "StopSignals", "Task", "TrainResult", "TrainingStream", "lr_lambda",
-           "make_accelerator", "param_groups", "train", "write_json"]
+__all__ = ["CheckpointDir", "DataLoaderFault", "NonFiniteLossError", "StopSignals", "Task", "TrainResult",
+           "TrainingStream", "lr_lambda", "make_accelerator", "param_groups", "train", "write_json"]

@@ -256,17 +256,26 @@ def _setup(task: Task, config: Config, accelerator: Accelerator, checkpoints: Ch
 
 def _forget_after(log: Path, iteration: int) -> None:
     """Drop the lines of ``log`` (``metrics.jsonl``) after ``iteration``: those of iterations run past the
-    checkpoint resumed from (before a crash, or a damaged newer checkpoint), which this run logs again."""
+    checkpoint resumed from (before a crash, or a damaged newer checkpoint), which this run logs again, and a
+    line cut short by a crash while it was written."""
     if not log.is_file():
         return
     lines = log.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line).get("iteration", 0) <= iteration]
+    kept = [line for line in lines if _logged_iteration(line) <= iteration]
     if len(kept) < len(lines):
         tmp = log.with_name(f".{log.name}.tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, log)
         logger.info("%s: %d lines after iteration %d dropped (logged again from the checkpoint)", log,
                     len(lines) - len(kept), iteration)
+
+
+def _logged_iteration(line: str) -> float:
+    """The iteration of a ``metrics.jsonl`` line; infinite for a line that is not whole (never kept)."""
+    try:
+        return json.loads(line).get("iteration", 0) if line.endswith("\n") else float("inf")
+    except ValueError:
+        return float("inf")
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, num_processes: int) -> torch.optim.Optimizer:
