@@ -3,11 +3,15 @@
     python tools/eval.py RUN_DIR [key=value ...]                 the run's config and model.safetensors
     python tools/eval.py CONFIG --weights FILE [key=value ...]   any config and checkpoint
     python tools/eval.py --annotations ANN.json --results RES.json --iou-type bbox|segm [--output metrics.json]
+    python tools/eval.py --voc VOCdevkit/VOC2007 --split test --results dets.json [--metric 11point|area] [--output F]
 
 The first two run inference on the config's validation split (sharded over processes under
 ``accelerate launch``), print pycocotools' summary and write ``metrics.json`` and ``coco_results.json``
 into ``--output-dir`` (default: the run folder, or the config's output_dir). The third evaluates an
-existing results file.
+existing results file. The fourth evaluates a results file (COCO's results format, ``image_id`` the file
+stem, ``category_id`` 1..20 in VOC order) against a VOC split with the devkit's metric
+(``tasks/evaluation/voc.py``): per-class AP and mAP at IoU 0.5, and the COCO-style AP, AP50, AP75; the
+rule is VOC2007's 11-point one for a folder named ``*2007``, the area rule otherwise, unless ``--metric``.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from pathlib import Path
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_run
 from tasks.data.coco import load_coco
+from tasks.data.voc import VOC_CLASSES, read_voc_split
 from tasks.engine import make_accelerator, write_json
 from tasks.evaluation.coco import BACKENDS, coco_report, load_results
 from tasks.evaluation.reports import write_coco_report
+from tasks.evaluation.voc import RULES, evaluate_voc, format_voc_report, load_voc_detections, voc_report_json
 from tasks.modeling.compiling import compile_model
 from tasks.registry import get_task, prepare_config
 
@@ -39,6 +45,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--annotations", help="COCO annotation file (with --results)")
     parser.add_argument("--results", help="COCO results file to evaluate")
     parser.add_argument("--iou-type", default="bbox", choices=["bbox", "segm"])
+    parser.add_argument("--voc", help="a VOCdevkit year folder (e.g. VOCdevkit/VOC2007) to evaluate --results on")
+    parser.add_argument("--split", default="test", help="with --voc: the ImageSets/Main split (default test)")
+    parser.add_argument("--metric", choices=RULES, help="with --voc: the AP rule (default: 11point for VOC2007, "
+                                                        "else area)")
     parser.add_argument("--output", help="metrics.json to write (with --results)")
     parser.add_argument("--backend", choices=BACKENDS, help="COCO evaluation: pycocotools (the reference, default) or "
                                                             "faster_coco_eval (same numbers, faster); overrides eval.backend")
@@ -47,6 +57,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_intermixed_args(argv)
 
+    if args.voc:
+        if not args.results:
+            parser.error("--voc goes with --results")
+        return _evaluate_voc(args)
     if args.results or args.annotations:
         if not (args.results and args.annotations):
             parser.error("--results and --annotations go together")
@@ -85,6 +99,19 @@ def main(argv: list[str]) -> int:
         print(json.dumps(metrics))
     accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
     accelerator.end_training()
+    return 0
+
+
+def _evaluate_voc(args: argparse.Namespace) -> int:
+    images = read_voc_split(args.voc, args.split)
+    truths = {image.image_id: image.truth for image in images}
+    detections = load_voc_detections(args.results, list(truths), len(VOC_CLASSES))
+    rule = args.metric or ("11point" if "2007" in Path(args.voc).resolve().name else "area")
+    report = evaluate_voc(truths, detections, VOC_CLASSES, rule)
+    print(format_voc_report(report))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.output), voc_report_json(report))
     return 0
 
 
