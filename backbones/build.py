@@ -13,7 +13,8 @@ from .resnet import ResNet
 from .timm_backbone import TimmBackbone
 from .weights import load_pretrained
 
-# name -> (builder taking the remaining keys, the keys it accepts besides `name` and `weights`)
+WEIGHT_KEYS = ("name", "weights", "weights_prefix")  # keys of every backbone config, not its builder's
+# name -> (builder taking the remaining keys, the keys it accepts besides WEIGHT_KEYS)
 _RESNET_KEYS = (
     "depth", "out_features", "stride_in_1x1", "shortcut", "shortcut_a_padding", "residual", "preact", "norm", "freeze_at",
     "zero_init_residual", "output_stride", "family", "in_channels", "fold_frozen_bn", "dilate_first_block",
@@ -52,7 +53,7 @@ def _builder(config: Mapping[str, Any], where: str) -> tuple[str, Callable[..., 
     if name not in _BUILDERS:
         raise UserError(f"{where}.name must be one of {', '.join(_BUILDERS)}, got {name!r}")
     builder, allowed = _BUILDERS[name]
-    check_keys({k: v for k, v in config.items() if k not in ("name", "weights")}, allowed, where)
+    check_keys({k: v for k, v in config.items() if k not in WEIGHT_KEYS}, allowed, where)
     return name, builder, allowed
 
 
@@ -74,6 +75,8 @@ def resolve_backbone_config(config: Mapping[str, Any], where: str = "backbone",
             value = resolve_backbone_config(value, f"{where}.bottom_up")
         resolved[key] = list(value) if isinstance(value, tuple) else value
     resolved["weights"] = config.get("weights")
+    if config.get("weights_prefix"):
+        resolved["weights_prefix"] = config["weights_prefix"]
     return resolved
 
 
@@ -85,12 +88,14 @@ def build_backbone(config: Mapping[str, Any], where: str = "backbone", init_weig
     ``TimmBackbone``) or ``fpn`` (``bottom_up``: another backbone config, plus the arguments of ``FPN``).
     ``weights`` (any backbone) is a file or a ``torchvision:``/``timm:`` name given to ``load_pretrained``;
     ``weights: torchvision`` means torchvision's ImageNet weights of the configured ResNet depth (its
-    Wide ResNet-50-2/101-2 for ``width_per_group: 128``).
+    Wide ResNet-50-2/101-2 for ``width_per_group: 128``). A self-supervised method's checkpoint (MoCo v1/v2/v3,
+    DINO, SwAV) gives its backbone by itself; ``weights_prefix`` names where the backbone's tensors are in any
+    other file (e.g. ``online_network.encoder.``).
     ``init_weights=False`` builds the same network without reading or fetching its ``weights`` (for a
     caller that loads a full checkpoint next). An unknown key or value is a ``UserError`` naming it.
     """
     name, builder, _ = _builder(config, where)
-    kwargs = {k: v for k, v in config.items() if k not in ("name", "weights")}
+    kwargs = {k: v for k, v in config.items() if k not in WEIGHT_KEYS}
     if name == "fpn":
         kwargs.update(where=where, init_weights=init_weights)
     try:
@@ -107,6 +112,8 @@ def build_backbone(config: Mapping[str, Any], where: str = "backbone", init_weig
         depth, width = config.get("depth", 50), config.get("width_per_group", 64)
         arch = f"wide_resnet{depth}_2" if width == 128 else f"resnet{depth}"
         weights = f"torchvision:{arch}.IMAGENET1K_V1"
+    if config.get("weights_prefix") and not weights:
+        raise UserError(f"{where}.weights_prefix is given without {where}.weights")
     if weights and init_weights:
-        load_pretrained(backbone, weights)
+        load_pretrained(backbone, weights, prefix=config.get("weights_prefix"))
     return backbone

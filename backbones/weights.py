@@ -41,13 +41,15 @@ class LoadReport:
     format: str
     loaded: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> reason
+    layout: str | None = None  # a self-supervised file's layout (SSL_LAYOUTS), or "prefix:<p>"
 
     def __str__(self) -> str:
         reasons: dict[str, int] = {}
         for reason in self.skipped.values():
             reasons[reason] = reasons.get(reason, 0) + 1
         extra = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
-        return f"loaded {self.loaded} tensors from {self.source} ({self.format} format)" + (
+        layout = f"{self.layout} layout, " if self.layout else ""
+        return f"loaded {self.loaded} tensors from {self.source} ({layout}{self.format} format)" + (
             f"; set aside: {extra}" if extra else ""
         )
 
@@ -169,28 +171,29 @@ def read_pickled_arrays(path: str | Path) -> object:
         return _ArrayUnpickler(f, encoding="latin1").load()
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``), ``.safetensors`` or
-    ``.pkl`` file (numpy arrays, read by ``read_pickled_arrays``). None of them can run code.
-
-    Unwraps the usual containers (``state_dict``, ``model``, ``blobs``) and a ``module.`` prefix left by
-    DistributedDataParallel.
-    """
+def _read_file(path: str | Path) -> object:
+    """What a checkpoint file holds, read without running code (see ``read_checkpoint``)."""
     path = Path(path)
     if not path.is_file():
         raise UserFileNotFoundError(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        elif path.suffix == ".pkl":
-            state = read_pickled_arrays(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        if path.suffix == ".pkl":
+            return read_pickled_arrays(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt file, pickled code, ...
         reason = " ".join(str(error).split())[:300]
         raise UserError(f"cannot read weights file {path} ({type(error).__name__}: {reason}); it is not a "
                         "checkpoint this project reads safely (.pth/.pt/.bin state dicts, .safetensors, "
                         ".pkl of numpy arrays)") from error
+
+
+def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint's object: the usual containers (``state_dict``, ``model``, ``blobs``)
+    unwrapped, numpy arrays of a ``.pkl`` as tensors, a ``module.`` prefix left by DistributedDataParallel
+    removed."""
+    state = obj
     for container in ("state_dict", "model", "model_state", "blobs"):
         if isinstance(state, dict) and isinstance(state.get(container), dict):
             state = state[container]
@@ -201,6 +204,82 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``), ``.safetensors`` or
+    ``.pkl`` file (numpy arrays, read by ``read_pickled_arrays``). None of them can run code.
+
+    Unwraps the usual containers (``state_dict``, ``model``, ``blobs``) and a ``module.`` prefix left by
+    DistributedDataParallel.
+    """
+    return _state_dict(_read_file(path), Path(path))
+
+
+# Self-supervised checkpoints as the methods' official code saves them: the prefix of the backbone's tensors
+# (after the containers and DDP's "module." are removed; a file of several models, as DINO's, names each one
+# first: "teacher.", "student.") and what else they hold, set aside with these reasons
+SSL_LAYOUTS: dict[str, tuple[str, dict[str, str]]] = {
+    "moco": ("encoder_q.", {"encoder_q.fc.": "the projection head", "encoder_k.": "the momentum (key) encoder",
+                            "queue": "the queue of keys"}),  # MoCo v1/v2 (facebookresearch/moco)
+    "mocov3": ("base_encoder.", {"base_encoder.fc.": "the projection head", "base_encoder.head.": "the projection head",
+                                 "momentum_encoder.": "the momentum encoder", "predictor.": "the predictor"}),
+    "dino": ("teacher.backbone.", {"teacher.head.": "the teacher's projection head", "student.": "the student",
+                                   "dino_loss.": "the loss's centre"}),  # DINO: the teacher, as its evaluations use
+    "swav": ("", {"projection_head.": "the projection head", "prototypes.": "the prototypes"}),
+}
+
+
+def _flatten_models(obj: object) -> object:
+    """A file of several models (``{"teacher": {...}, "student": {...}, "epoch": ..., ...}``) as one state dict
+    whose keys name the model first (``teacher.backbone.conv1.weight``), each model's ``module.`` removed;
+    anything else unchanged."""
+    if not (isinstance(obj, dict) and "teacher" in obj and "student" in obj):
+        return obj
+    flat: dict[str, torch.Tensor] = {}
+    for name, part in obj.items():
+        if isinstance(part, dict) and part and all(isinstance(v, torch.Tensor) for v in part.values()):
+            strip = "module." if all(k.startswith("module.") for k in part) else ""
+            flat.update({f"{name}.{k[len(strip):]}": v for k, v in part.items()})
+    return flat
+
+
+def detect_ssl_layout(state: dict[str, torch.Tensor]) -> str | None:
+    """The self-supervised layout of ``state`` (a key of ``SSL_LAYOUTS``), or None (a plain backbone)."""
+    keys = list(state)
+    if any(k.startswith("teacher.backbone.") for k in keys):
+        return "dino"
+    if any(k.startswith("encoder_q.") for k in keys):
+        return "moco"
+    if any(k.startswith("base_encoder.") for k in keys):
+        return "mocov3"
+    if any(k.startswith(("prototypes.", "projection_head.")) for k in keys):
+        return "swav"
+    return None
+
+
+def read_backbone_checkpoint(path: str | Path, prefix: str | None = None
+                             ) -> tuple[dict[str, torch.Tensor], str | None, dict[str, str]]:
+    """A checkpoint's backbone tensors, from a plain backbone file or a self-supervised one (``SSL_LAYOUTS``,
+    detected from the keys, or the tensors under ``prefix`` when given); returns them (prefix removed), the
+    layout (``prefix:<p>`` for a given prefix, None for a plain file) and what was set aside (key → reason)."""
+    path = Path(path)
+    state = _state_dict(_flatten_models(_read_file(path)), path)
+    layout = f"prefix:{prefix}" if prefix else detect_ssl_layout(state)
+    if layout is None:
+        return state, None, {}
+    keep, reasons = (prefix, {}) if prefix else SSL_LAYOUTS[layout]
+    kept, aside = {}, {}
+    for key, tensor in state.items():
+        reason = next((why for start, why in reasons.items() if key.startswith(start)), None)
+        if reason is None and key.startswith(keep):
+            kept[key[len(keep):]] = tensor
+        else:
+            aside[key] = reason or f"not under the backbone's prefix {keep!r}"
+    if not kept:
+        raise UserError(f"weights file {path}: no tensor under the prefix {keep!r} ({layout} layout; first keys: "
+                        f"{sorted(state)[:5]}): set model.backbone.weights_prefix to where the backbone's tensors are")
+    return kept, layout, aside
 
 
 DETECTRON2_URL = "https://dl.fbaipublicfiles.com/detectron2/"
@@ -358,27 +437,35 @@ def _check_resnet_layout(model: ResNet, source: str, stride_in_1x1: bool) -> Non
         raise UserError(f"weights {source} do not fit ResNet-{model.depth} as configured: " + "; ".join(problems))
 
 
-def load_pretrained(model: nn.Module, source: str | Path) -> LoadReport:
+def load_pretrained(model: nn.Module, source: str | Path, prefix: str | None = None) -> LoadReport:
     """Load weights into a ResNet, FPN or TimmBackbone.
 
     ``source`` is a checkpoint file (a torchvision, timm, detectron2 or MSRA Caffe2 ResNet, a timm model
     for a TimmBackbone, or this project's own; ``.pth``, ``.safetensors`` or ``.pkl``) or a name
     ``torchvision:resnet101.IMAGENET1K_V2`` / ``timm:resnet50.a1_in1k`` /
     ``detectron2:ImageNetPretrained/MSRA/R-50.pkl``, or a classification run's ``model.safetensors`` (its
-    backbone part). A foreign ResNet checkpoint (or a classifier) given to an FPN loads into its bottom-up
-    backbone. Raises listing every missing, unexpected or mis-shaped tensor.
+    backbone part). A file saved by a self-supervised method's own code (MoCo v1/v2/v3, DINO, SwAV:
+    ``SSL_LAYOUTS``) gives its backbone, detected from its keys; ``prefix`` (``model.backbone.weights_prefix``)
+    takes the tensors under it instead. A foreign ResNet checkpoint (or a classifier) given to an FPN loads
+    into its bottom-up backbone. What is set aside (projection heads, momentum encoders, queues, ``fc``) is
+    in the report and the log; anything missing, unexpected or mis-shaped is an error listing it.
     """
     source = str(source)
-    state = fetch_named_weights(source) if is_weights_name(source) else read_checkpoint(source)
+    if is_weights_name(source):
+        state, layout, aside = fetch_named_weights(source), None, {}
+    else:
+        state, layout, aside = read_backbone_checkpoint(source, prefix)
     fmt = detect_format(state, model)
-    if isinstance(model, FPN) and fmt != "native":
-        return load_pretrained_state(model.bottom_up, state, source, fmt)
-    return load_pretrained_state(model, state, source, fmt)
+    target = model.bottom_up if isinstance(model, FPN) and fmt != "native" else model
+    return load_pretrained_state(target, state, source, fmt, set_aside=aside, layout=layout)
 
 
-def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, fmt: str) -> LoadReport:
-    """Map ``state`` (in format ``fmt``) onto ``model`` and load it strictly; see ``load_pretrained``."""
-    report = LoadReport(source, fmt)
+def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, fmt: str,
+                          set_aside: dict[str, str] | None = None, layout: str | None = None) -> LoadReport:
+    """Map ``state`` (in format ``fmt``) onto ``model`` and load it strictly; see ``load_pretrained``.
+    ``set_aside``: tensors of the file already left out, with the reason (reported with the others);
+    ``layout``: the self-supervised layout they came from (in the report)."""
+    report = LoadReport(source, fmt, layout=layout, skipped=dict(set_aside or {}))
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []

@@ -235,3 +235,98 @@ def test_pickled_weights_load_as_arrays_and_code_is_refused(tmp_path):
     with pytest.raises(UserError, match="cannot read weights file .*evil.pth"):
         read_checkpoint(evil_pth)
     assert not marker.exists()
+
+
+# --- self-supervised checkpoints, in the layouts their official code saves ---------------------------------
+
+def _ssl_files(tv: dict) -> dict:
+    """A ResNet-18's torchvision tensors ``tv`` saved as each method's own training code saves its model."""
+    head = {"fc.0.weight": torch.randn(512, 512), "fc.0.bias": torch.randn(512), "fc.2.weight": torch.randn(128, 512)}
+    body = {k: v for k, v in tv.items() if not k.startswith("fc.")}
+    return {
+        # MoCo v1/v2: DDP's module., the query and key encoders (an MLP head in fc), the queue; in "state_dict"
+        "moco": ({"epoch": 200, "arch": "resnet18", "optimizer": {"state": {}, "param_groups": []}, "state_dict": {
+            **{f"module.encoder_q.{k}": v for k, v in {**body, **head}.items()},
+            **{f"module.encoder_k.{k}": v.clone() for k, v in {**body, **head}.items()},
+            "module.queue": torch.randn(128, 4096), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}},
+            None, {"encoder_q.fc.0.weight": "the projection head", "encoder_k.conv1.weight": "the momentum (key) encoder",
+                   "queue": "the queue of keys"}),
+        # MoCo v3: base and momentum encoders, the predictor
+        "mocov3": ({"state_dict": {**{f"module.base_encoder.{k}": v for k, v in {**body, **head}.items()},
+                                   **{f"module.momentum_encoder.{k}": v.clone() for k, v in body.items()},
+                                   "module.predictor.0.weight": torch.randn(256, 128)}},
+                   None, {"base_encoder.fc.2.weight": "the projection head", "predictor.0.weight": "the predictor"}),
+        # DINO: teacher and student side by side (the student DDP-wrapped), the loss's centre
+        "dino": ({"teacher": {**{f"backbone.{k}": v for k, v in body.items()}, "head.mlp.0.weight": torch.randn(8, 512)},
+                  "student": {**{f"module.backbone.{k}": v.clone() + 1 for k, v in body.items()},
+                              "module.head.mlp.0.weight": torch.randn(8, 512)},
+                  "epoch": 100, "dino_loss": {"center": torch.randn(1, 8)}},
+                 None, {"teacher.head.mlp.0.weight": "the teacher's projection head", "student.backbone.conv1.weight": "the student",
+                        "dino_loss.center": "the loss's centre"}),
+        # SwAV: the backbone at the top, its projection head and prototypes beside it
+        "swav": ({"epoch": 800, "state_dict": {**{f"module.{k}": v for k, v in body.items()},
+                                               "module.projection_head.0.weight": torch.randn(64, 512),
+                                               "module.prototypes.weight": torch.randn(30, 64)}},
+                 None, {"projection_head.0.weight": "the projection head", "prototypes.weight": "the prototypes"}),
+        # any other layout: a prefix named in the config (here a BYOL-style online/target pair)
+        "prefix": ({**{f"online_network.encoder.{k}": v for k, v in body.items()},
+                    **{f"target_network.encoder.{k}": v.clone() for k, v in body.items()},
+                    "online_network.projector.0.weight": torch.randn(64, 512)},
+                   "online_network.encoder.", {"target_network.encoder.conv1.weight": "not under the backbone's prefix "
+                                                                                      "'online_network.encoder.'"}),
+    }
+
+
+@pytest.mark.parametrize("layout", ["moco", "mocov3", "dino", "swav", "prefix"])
+def test_self_supervised_checkpoints_give_their_backbone_strictly_and_report_the_rest(tmp_path, layout, caplog):
+    """Each layout's backbone gives torchvision's ResNet-18 features of the same tensors; every tensor left out is
+    in the report (and the log) with its reason; the layout is detected from the keys (or the prefix given)."""
+    from backbones import build_backbone
+
+    reference = randomize_(torchvision.models.resnet18()).eval()
+    content, prefix, expected_aside = _ssl_files(reference.state_dict())[layout]
+    path = save(content, tmp_path / f"{layout}.pth.tar")
+    config = {"name": "resnet", "depth": 18, "stride_in_1x1": False, "weights": path,
+              **({"weights_prefix": prefix} if prefix else {})}
+    with caplog.at_level("INFO"):
+        ours = build_backbone(config).eval()
+    report_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded "))
+    assert (f"prefix:{prefix}" if prefix else f"{layout} layout") in report_line and "set aside:" in report_line
+    report = load_pretrained(ResNet(18, stride_in_1x1=False), path, prefix=prefix)
+    assert report.loaded == len(ResNet(18, stride_in_1x1=False).state_dict())
+    for key, reason in expected_aside.items():
+        assert report.skipped[key] == reason, key
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = torchvision_features(reference, x), ours(x)
+    for name, feature in zip(STAGES, expected):
+        assert (got[name] - feature).abs().max().item() <= 1e-4, name
+
+
+def test_a_prefix_that_holds_no_tensor_is_an_error(tmp_path):
+    path = save({"encoder.conv1.weight": torch.randn(64, 3, 7, 7)}, tmp_path / "x.pth")
+    with pytest.raises(UserError, match=r"no tensor under the prefix 'backbone\.' .*set model.backbone.weights_prefix"):
+        load_pretrained(ResNet(18), path, prefix="backbone.")
+
+
+def test_a_detector_config_starts_from_a_self_supervised_backbone(tmp_path):
+    """``model.backbone.weights`` a MoCo file (detected), or a file under ``model.backbone.weights_prefix``: the
+    detector's ResNet holds the query encoder's tensors, and the run's config keeps the prefix."""
+    from pathlib import Path
+
+    from tasks.config import check_config, load_config
+    from tasks.registry import get_task
+
+    reference = randomize_(torchvision.models.resnet18())
+    content, _, _ = _ssl_files(reference.state_dict())["moco"]
+    moco = save(content, tmp_path / "moco.pth.tar")
+    byol_like, prefix, _ = _ssl_files(reference.state_dict())["prefix"]
+    byol = save(byol_like, tmp_path / "byol.pth")
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    task = get_task("detection")
+    for weights, extra in ((moco, []), (byol, [f"model.backbone.weights_prefix={prefix}"])):
+        config = load_config(quickstart, ["model.backbone.depth=18", f"model.backbone.weights={weights}", *extra])
+        detector = task.build_model(config)
+        torch.testing.assert_close(detector.state_dict()["backbone.bottom_up.stem.conv.weight"], reference.conv1.weight)
+        if extra:
+            assert check_config(config, task).model["backbone"]["weights_prefix"] == prefix
