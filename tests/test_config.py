@@ -67,9 +67,10 @@ def test_bad_files_are_named(tmp_path):
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
                  if p.name not in ("base_frcnn.yaml", "schedule_3x.yaml"))
+PROTOCOLS = sorted((Path(__file__).resolve().parents[1] / "configs" / "protocols").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS + PROTOCOLS, ids=[p.stem for p in CONFIGS + PROTOCOLS])
 def test_every_shipped_config_loads_and_builds(path):
     import torch
 
@@ -85,6 +86,10 @@ def test_every_shipped_config_loads_and_builds(path):
         assert depth == 101
     if "_3x" in path.stem:
         assert config.train.max_iters == 270000 and config.train.steps == [210000, 250000]
+    if "_2x" in path.stem:
+        assert config.train.max_iters == 180000 and config.train.steps == [120000, 160000]
+    if path in PROTOCOLS and "moco" in path.stem:  # SyncBN in the backbone (and so in C4's res5 head), nothing frozen
+        assert config.model["backbone"]["norm"] == "SyncBN" and config.model["backbone"]["freeze_at"] == 0
     assert model.num_classes == config.model["num_classes"]
 
 
