@@ -28,3 +28,41 @@ def test_a_protocol_runs_end_to_end(shapes, tmp_path, name):
     model = task.build_model(config, init_weights=False)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
     assert norms and all(p.requires_grad for m in norms for p in m.parameters())  # SyncBN everywhere, all training
+
+
+def test_compare_trains_two_backbones_and_writes_the_table_and_the_pictures(shapes, tmp_path, capsys):
+    """tools/compare.py over two ResNet-18 files (a torchvision one and one in MoCo's layout), 3 iterations
+    each through accelerate launch: the table (Markdown, CSV), the bar chart and the curves; run again,
+    both runs are skipped as finished; the runs collected by folder give the same table."""
+    import torchvision
+    from conftest import TINY
+
+    from tools.compare import main as compare
+
+    plain = tmp_path / "plain.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), plain)
+    moco = tmp_path / "moco.pth.tar"
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}}, moco)
+    out = tmp_path / "comparison"
+    args = [str(ROOT / "configs" / "quickstart.yaml"), *TINY, f"data.root={shapes}", "train.max_iters=3",
+            "train.log_with=[]", "--backbones", f"supervised={plain}", f"mocov2={moco}", "--output", str(out),
+            "--launch", "--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"]
+    assert compare(args) == 0
+    printed = capsys.readouterr().out
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[0].startswith("| backbone | seeds | bbox/AP | bbox/AP50 | bbox/AP75 |")
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| mocov2", "| supervised"]
+    assert all(" ± 0.00" in row and row.split(" | ")[1] == "1" for row in table[2:])
+    csv = (out / "comparison.csv").read_text().splitlines()
+    assert csv[0].startswith("backbone,seeds,bbox/AP,bbox/AP std,") and len(csv) == 3
+    assert (out / "comparison.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    for name in ("supervised", "mocov2"):
+        assert (out / name / "seed_0" / "metrics.json").is_file()
+    assert "\n".join(table) in printed
+
+    assert compare(args) == 0  # finished runs are not trained again
+    assert capsys.readouterr().out.count("finished in") == 2
+    again = tmp_path / "collected"
+    assert compare([str(out / "supervised" / "seed_0"), str(out / "mocov2" / "seed_0"), "--output", str(again)]) == 0
+    rows = (again / "comparison.md").read_text().splitlines()[2:]
+    assert sorted(rows) == sorted(table[2:])  # each seed_0 folder named after its backbone's folder

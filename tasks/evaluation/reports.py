@@ -169,3 +169,54 @@ def plot_per_class_iou(metrics: dict[str, float], output: str | Path) -> None:
     figure.tight_layout()
     figure.savefig(output, dpi=100)
     plt.close(figure)
+
+
+# the final metrics a comparison of backbones tabulates (the keys of metrics.json ending so)
+SUMMARY_SUFFIXES = ("/AP", "/AP50", "/AP75", "/mAP", "/mIoU", "/pixel_accuracy", "/top1", "/top5")
+
+
+def compare_runs(groups: dict[str, list[dict]], output_dir: str | Path) -> list[str]:
+    """One table and one picture of several backbones' final metrics: ``groups`` maps each backbone's name
+    to the ``metrics.json`` of its runs (one per seed). Writes ``comparison.md`` and ``comparison.csv``
+    (mean ± sample standard deviation over the seeds, and their number) and ``comparison.png`` (a bar chart
+    per metric, the seeds' spread as error bars) into ``output_dir``; returns the Markdown table's lines."""
+    plt = _pyplot()
+    metrics = sorted({k for runs in groups.values() for m in runs for k in m if k.endswith(SUMMARY_SUFFIXES)})
+    if not metrics:
+        raise UserError("no final metrics (metrics.json with AP, mAP, mIoU or top-1) in the runs to compare")
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return mean, std
+
+    table = {name: {k: stats([m[k] for m in runs if k in m]) for k in metrics if any(k in m for m in runs)}
+             for name, runs in groups.items()}
+    lines = ["| backbone | seeds | " + " | ".join(metrics) + " |", "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+    csv = ["backbone,seeds," + ",".join(f"{k},{k} std" for k in metrics)]
+    for name, row in table.items():
+        seeds = len(groups[name])
+        cells = [f"{100 * row[k][0]:.2f} ± {100 * row[k][1]:.2f}" if k in row else "—" for k in metrics]
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+        csv.append(f"{name},{seeds}," + ",".join(f"{row[k][0]:.6f},{row[k][1]:.6f}" if k in row else "," for k in metrics))
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    (output_dir / "comparison.csv").write_text("\n".join(csv) + "\n")
+    columns = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
+    names = list(table)
+    for axis, key in zip(axes.flat, metrics):
+        means = [100 * table[n][key][0] if key in table[n] else 0.0 for n in names]
+        spreads = [100 * table[n][key][1] if key in table[n] else 0.0 for n in names]
+        axis.bar(range(len(names)), means, yerr=spreads, capsize=4, color=[f"C{i % 10}" for i in range(len(names))])
+        axis.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        axis.set_title(key)
+        axis.grid(axis="y", alpha=0.3)
+    for axis in list(axes.flat)[len(metrics):]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(output_dir / "comparison.png", dpi=100)
+    plt.close(figure)
+    return lines
