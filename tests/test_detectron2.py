@@ -50,6 +50,14 @@ def _photo(file: str) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(PHOTOS / file).convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
+def photo_folder(tmp_path: Path, file: str) -> Path:
+    """A folder holding the photo ``file`` as a lossless PNG (decoded once, so tools read the same pixels)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(_photo(file).permute(1, 2, 0).numpy()).save(folder / f"{Path(file).stem}.png")
+    return folder
+
+
 def _match(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
     """For each of ``theirs`` boxes the index of the nearest of ``ours`` (max coordinate difference)."""
     return (ours[None, :, :] - theirs[:, None, :]).abs().amax(-1).argmin(1)
@@ -281,9 +289,7 @@ def test_infer_tool_with_a_zoo_file_gives_detectron2_detections(tmp_path):
     reference = json.loads((REFERENCE / "faster_rcnn_R_50_DC5_1x_outputs.json").read_text())
     file = "000000444010.jpg"  # 480 x 640
     expected = reference["images"][file]
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.fromarray(_photo(file).permute(1, 2, 0).numpy()).save(folder / "000000444010.png")  # lossless
+    folder = photo_folder(tmp_path, file)
     assert main([str(CONFIGS / "faster_rcnn_R_50_DC5_1x.yaml"), "--weights", str(REFERENCE / "faster_rcnn_R_50_DC5_1x.pkl"),
                  "--input", str(folder), "--output", str(tmp_path / "out"), "data.min_size_test=480",
                  "data.max_size_test=640", f"data.root={tmp_path / 'no_coco_here'}", *NARROW]) == 0

@@ -16,6 +16,7 @@ import torchvision
 from conftest import randomize_frozen_
 from PIL import Image
 from pycocotools import mask as mask_utils
+from test_detectron2 import _match, _photo, photo_folder
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -39,15 +40,6 @@ NARROW = ["model.backbone.width_per_group=8", "model.backbone.res2_out_channels=
           "model.roi_heads.fc_dim=128", "model.mask_head.conv_dim=64", "model.backbone.weights=null"]
 # the speed options that change float rounding, off
 EXACT = ["model.backbone.fold_frozen_bn=false", "model.channels_last=false"]
-
-
-def _photo(file: str) -> torch.Tensor:
-    return torch.from_numpy(np.array(Image.open(PHOTOS / file).convert("RGB"))).permute(2, 0, 1).contiguous()
-
-
-def _match(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
-    """For each of ``theirs`` boxes the index of the nearest of ``ours`` (max coordinate difference)."""
-    return (ours[None, :, :] - theirs[:, None, :]).abs().amax(-1).argmin(1)
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -269,9 +261,7 @@ def test_infer_tool_writes_detectron2_masks_as_rle(tmp_path):
     reference = json.loads((REFERENCE / "mask_rcnn_R_50_FPN_1x_outputs.json").read_text())
     file = "000000444010.jpg"  # 480 x 640
     expected = reference["images"][file]
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.fromarray(_photo(file).permute(1, 2, 0).numpy()).save(folder / "000000444010.png")  # lossless
+    folder = photo_folder(tmp_path, file)
     assert main([str(CONFIGS / "detectron2" / "mask_rcnn_R_50_FPN_1x.yaml"), "--weights",
                  str(REFERENCE / "mask_rcnn_R_50_FPN_1x.pkl"), "--input", str(folder), "--output", str(tmp_path / "out"),
                  "data.min_size_test=480", "data.max_size_test=640", f"data.root={tmp_path / 'no_coco_here'}",

@@ -22,10 +22,9 @@ IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
-def load_results(path: str | Path) -> list[dict[str, Any]]:
-    """A COCO results file: a list of ``{"image_id", "category_id", "score"}`` entries with a ``bbox`` or a
-    ``segmentation``. Anything else is a ``UserError`` naming the file and the first bad entry."""
-    path = Path(path)
+def read_results_list(path: Path, what: str) -> list:
+    """The JSON list a results file holds (its entries unchecked); a missing file, invalid JSON or another
+    type is a ``UserError`` naming the file (``what``: the entries it should hold, for the message)."""
     if not path.is_file():
         raise UserFileNotFoundError(f"results file not found: {path}")
     try:
@@ -33,7 +32,15 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"results file {path} is not valid JSON: {error}") from error
     if not isinstance(results, list):
-        raise UserError(f"results file {path} must hold a list of COCO results, got {type(results).__name__}")
+        raise UserError(f"results file {path} must hold a list of {what}, got {type(results).__name__}")
+    return results
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """A COCO results file: a list of ``{"image_id", "category_id", "score"}`` entries with a ``bbox`` or a
+    ``segmentation``. Anything else is a ``UserError`` naming the file and the first bad entry."""
+    path = Path(path)
+    results = read_results_list(path, "COCO results")
     for index, entry in enumerate(results):
         problem = _entry_problem(entry)
         if problem:

@@ -15,14 +15,15 @@ none) has no AP (``None``) and stays out of the means.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from backbones.errors import UserError, UserFileNotFoundError
+from backbones.errors import UserError
+
+from .coco import read_results_list
 
 RULES = ("11point", "area")
 IOU_THRESHOLDS = tuple(t / 100 for t in range(50, 100, 5))
@@ -146,14 +147,7 @@ def load_voc_detections(path: str | Path, image_ids: Sequence[str], num_classes:
     ``category_id`` 1..K in VOC order, ``score``, ``bbox`` ``[x, y, w, h]`` in 0-based pixels. Anything else (an
     image not in the split, a category out of range) is a ``UserError`` naming the file and the entry."""
     path = Path(path)
-    if not path.is_file():
-        raise UserFileNotFoundError(f"results file not found: {path}")
-    try:
-        entries = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"results file {path} is not valid JSON: {error}") from error
-    if not isinstance(entries, list):
-        raise UserError(f"results file {path} must hold a list of results, got {type(entries).__name__}")
+    entries = read_results_list(path, "results")
     known = set(image_ids)
     ids, labels, scores, boxes = [], [], [], []
     for index, entry in enumerate(entries):
