@@ -404,14 +404,15 @@ def test_a_stalled_read_times_out_naming_the_images_being_read(shapes, tmp_path)
 # --- trackers ---------------------------------------------------------------------------------------------
 
 def test_trackers_get_the_config_the_scalars_the_metrics_and_the_drawings(shapes, tmp_path, monkeypatch):
-    """train.log_with: [tensorboard, mlflow] (MLflow's SQLite store in the run folder): the config as
-    hyper-parameters, every logged scalar with its step, the validation metrics, the drawings; a resumed run
-    logs on to the same MLflow run."""
+    """train.log_with: [tensorboard, mlflow] (MLflow's SQLite store and its artifacts in the run folder, nothing
+    in the working folder): the config as hyper-parameters, every logged scalar with its step, the validation
+    metrics, the drawings; a resumed run logs on to the same MLflow run."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     trackers = "train.log_with=[tensorboard,mlflow]"
     run(shapes, out, "train.max_iters=3", trackers)
@@ -429,6 +430,8 @@ def test_trackers_get_the_config_the_scalars_the_metrics_and_the_drawings(shapes
     assert client.get_metric_history(run_id, "val/bbox/AP")[-1].value == pytest.approx(final["bbox/AP"])
     drawings = [a.path for a in client.list_artifacts(run_id, "visualizations")]
     assert drawings and all(p.endswith(".png") for p in drawings)
+    assert sorted(p.name for p in (out / "mlartifacts").rglob("*.png")) == sorted(Path(p).name for p in drawings)
+    assert not (tmp_path / "mlruns").exists()  # MLflow's default artifact folder in the working folder
 
     events = [EventAccumulator(str(f), size_guidance={"images": 0}).Reload()
               for f in sorted((out / "resdet").rglob("events.out.tfevents.*"))]  # the first run's, the resumed one's

@@ -27,19 +27,22 @@ def start_trackers(config: Config, accelerator: Accelerator, resumed: bool) -> N
     """``train.log_with``'s trackers, on the main process: the project ``resdet``, the run named after the
     output folder, the config as hyper-parameters (``section.key``, lists and mappings as JSON).
 
-    MLflow logs where ``MLFLOW_TRACKING_URI`` says, by default into ``<output_dir>/mlflow.db`` (its artifacts
-    beside it); W&B into the output folder (``WANDB_MODE=offline`` for no network). A resumed run continues
+    MLflow logs where ``MLFLOW_TRACKING_URI`` says, by default into ``<output_dir>/mlflow.db`` with its artifacts
+    in ``<output_dir>/mlartifacts/`` (MLflow's own default, ``./mlruns`` of the working folder, would litter
+    wherever the run was started); W&B into the output folder (``WANDB_MODE=offline`` for no network). A resumed run continues
     the MLflow and W&B runs it started, with the hyper-parameters they started with."""
     if not accelerator.is_main_process or not config.train.log_with:
         return
     output_dir = Path(config.output_dir)
     ids = json.loads((output_dir / TRACKED_RUN).read_text()) if resumed and (output_dir / TRACKED_RUN).is_file() else {}
+    mlflow_kwargs: dict[str, Any] = {}
     if "mlflow" in config.train.log_with and not os.environ.get("MLFLOW_TRACKING_URI"):
-        import mlflow  # noqa: PLC0415  an optional tracker (the track extra)
+        import mlflow  # noqa: PLC0415  an optional tracker (the mlflow extra)
 
         mlflow.set_tracking_uri(f"sqlite:///{(output_dir / 'mlflow.db').resolve()}")
+        mlflow_kwargs["logging_dir"] = str((output_dir / "mlartifacts").resolve())  # the experiment's artifacts
     run_name = output_dir.resolve().name
-    init_kwargs = {"mlflow": {"run_name": run_name, "run_id": ids.get("mlflow")},
+    init_kwargs = {"mlflow": {"run_name": run_name, "run_id": ids.get("mlflow"), **mlflow_kwargs},
                    "wandb": {"name": run_name, "dir": str(output_dir), "id": ids.get("wandb"), "resume": "allow"}}
     # a run continued (MLflow, W&B) keeps the hyper-parameters it started with: MLflow's cannot change, and the
     # run folder's config.yaml has the current ones
