@@ -36,10 +36,23 @@ from tasks.evaluation.coco import BACKENDS
 
 @dataclass
 class SplitConfig:
-    """One split of a COCO-layout dataset, paths relative to ``data.root`` (or absolute)."""
+    """One split of the dataset, paths relative to ``data.root`` (or absolute). Which keys are read depends on
+    ``data.format``:
+
+    - ``coco``: ``annotations`` (an ``instances_*.json``) and ``images`` (their folder);
+    - ``voc``: ``sets``, the VOCdevkit year folders with their ``ImageSets/Main`` split, joined in order, e.g.
+      ``[[VOC2007, trainval], [VOC2012, trainval]]`` (the literature's "07+12");
+    - ``mask_folder``: ``images`` (a folder, searched recursively for ``data.image_suffix``), ``labels`` (the
+      label PNGs' folder, the same relative paths with ``data.label_suffix``; empty: beside the images) and
+      ``split_file`` (one image path per line, relative to ``images`` and without the suffix; empty: every
+      image of the folder).
+    """
 
     annotations: str = "annotations/instances_train2017.json"
     images: str = "train2017"
+    sets: list[list[str]] = field(default_factory=list)
+    labels: str = ""
+    split_file: str = ""
 
 
 @dataclass
@@ -78,8 +91,16 @@ class DataConfig:
     class_set: str = "coco80"  # "voc20", "coco80" or "all" (every category of the annotation file)
     min_pixels: int = 1000  # training skips images whose selected classes cover less (by COCO area)
     crop_size: int = 0  # training crop side after the random resize (0: no crop); classification: the input side
-    # classification
-    format: str = "coco"  # "coco" (detection, segmentation), "folder" (root/{train,val}/<class>/*), "cifar10", "cifar100"
+    # segmentation, data.format mask_folder: label PNGs whose pixel values are mapped to training ids
+    image_suffix: str = ".jpg"  # what ends an image file's name (Cityscapes: _leftImg8bit.png)
+    label_suffix: str = ".png"  # what replaces it in the label file's name (Cityscapes: _gtFine_labelIds.png)
+    class_names: list[str] = field(default_factory=list)  # the training ids' names, 0..K-1 (K: model.num_classes)
+    value_map: dict[int, int] = field(default_factory=dict)  # file value -> training id ({}: the value is the id)
+    ignore_values: list[int] = field(default_factory=lambda: [255])  # file values ignored in loss and metric
+    reduce_zero_label: bool = False  # file value 0 ignored and v -> v - 1 before value_map (ADE20K)
+    # any other file value is an error naming the file and the value
+    format: str = "coco"  # detection: "coco", "voc"; segmentation: "coco", "mask_folder";
+    # classification: "folder" (root/{train,val}/<class>/*), "cifar10", "cifar100"
     download: bool = False  # cifar10/cifar100: fetch the published archive into data.root when missing
     val_split: int = 0  # > 0: hold out the last N training images as the validation split (CIFAR: 5000 for 45k/5k)
     augment: str = "imagenet"  # "cifar" (pad + random crop + flip), "imagenet" (random resized crop + flip), "none"
