@@ -1,5 +1,6 @@
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,57 @@ def free_port() -> int:
 def shapes(tmp_path_factory):
     """A tiny synthetic shapes dataset (12 training, 5 validation images of 64 px)."""
     return generate(tmp_path_factory.mktemp("shapes"), num_train=12, num_val=5, size=64, seed=3)
+
+
+def voc_layout(shapes: Path, root: Path) -> Path:
+    """The shapes dataset as a VOCdevkit (``root/VOCdevkit``): its training images split between VOC2007 and
+    VOC2012 ``trainval`` (stems prefixed t07_/t12_), its validation images as VOC2007 ``test`` (v_), the three
+    shapes named as VOC's first three classes, boxes as the XML's 1-based integers, every third object
+    difficult, and one ``trainval`` image without objects."""
+    import json
+    import shutil
+
+    from tasks.data.voc import VOC_CLASSES
+
+    devkit = root / "VOCdevkit"
+    for split, annotations, images in (("train", "instances_train2017.json", "train2017"),
+                                       ("test", "instances_val2017.json", "val2017")):
+        data = json.loads((shapes / "annotations" / annotations).read_text())
+        objects: dict[int, list] = {image["id"]: [] for image in data["images"]}
+        for a in data["annotations"]:
+            objects[a["image_id"]].append(a)
+        for n, image in enumerate(data["images"]):
+            year = "VOC2007" if split == "test" or n % 2 == 0 else "VOC2012"
+            stem = f"v_{n:04d}" if split == "test" else f"t{year[-2:]}_{n:04d}"
+            folder = devkit / year
+            for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shapes / images / image["file_name"], folder / "JPEGImages" / f"{stem}.jpg")
+            parts = [f"<annotation><folder>{year}</folder><filename>{stem}.jpg</filename><size><width>"
+                     f"{image['width']}</width><height>{image['height']}</height><depth>3</depth></size>"]
+            for k, a in enumerate(objects[image["id"]] if n != 1 else []):
+                x, y, w, h = a["bbox"]
+                box = (round(x) + 1, round(y) + 1, round(x + w), round(y + h))
+                parts.append(f"<object><name>{VOC_CLASSES[a['category_id'] - 1]}</name><difficult>{int(k % 3 == 2)}"
+                             "</difficult><bndbox>" + "".join(f"<{t}>{v}</{t}>" for t, v in
+                                                            zip(("xmin", "ymin", "xmax", "ymax"), box))
+                             + "</bndbox></object>")
+            (folder / "Annotations" / f"{stem}.xml").write_text("".join(parts) + "</annotation>")
+            listing = folder / "ImageSets" / "Main" / f"{'test' if split == 'test' else 'trainval'}.txt"
+            with listing.open("a") as out:
+                out.write(stem + "\n")
+    return devkit
+
+
+@pytest.fixture(scope="session")
+def voc_shapes(shapes, tmp_path_factory) -> Path:
+    """``voc_layout`` of the ``shapes`` dataset: a VOCdevkit folder with VOC2007 and VOC2012."""
+    return voc_layout(shapes, tmp_path_factory.mktemp("voc_shapes"))
+
+
+# data.format voc on ``voc_shapes`` (data.root is the VOCdevkit folder): 07+12 trainval, 07 test
+VOC_DATA = ["data.format=voc", "model.num_classes=20", "data.train.sets=[[VOC2007,trainval],[VOC2012,trainval]]",
+            "data.val.sets=[[VOC2007,test]]"]
 
 
 @pytest.fixture(autouse=True)

@@ -60,7 +60,7 @@ def test_user_errors_are_one_line_with_exit_code_2(shapes, tmp_path, capsys):
         train_main, [QUICKSTART, "model.layout=dc5", "model.backbone.output_stride=8", nowhere], capsys)
     assert "unknown task 'detektion'" in error_line(train_main, [QUICKSTART, "task=detektion", nowhere], capsys)
     assert "train.batch_size must be at least 1" in error_line(train_main, [QUICKSTART, "train.batch_size=0"], capsys)
-    assert "data.format must be one of coco for task detection, got 'folder'" in error_line(
+    assert "data.format must be one of coco, voc for task detection, got 'folder'" in error_line(
         train_main, [QUICKSTART, "data.format=folder", nowhere], capsys)
     assert "'train.max_iters'" in error_line(train_main, [QUICKSTART, "train.max_iters=many"], capsys)
     assert "annotation file not found" in error_line(

@@ -2,20 +2,31 @@
 cases) and the metric, checked against the official devkit's algorithm (VOCevaldet as py-faster-rcnn and
 detectron2 port it, written out below in its own loop form: the XML's raw 1-based boxes, detections moved
 back by +1, inclusive IoU) on a generated VOC folder with difficult objects, duplicates and tied scores, for
-both AP rules; and a hand-computed curve."""
+both AP rules; and a hand-computed curve. Training on VOC (``data.format: voc``, 07+12) and its evaluation,
+in one process and sharded over two."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, VOC_DATA, free_port
 
 from backbones.errors import UserError
+from tasks.config import ConfigError, load_config
 from tasks.data.voc import VOC_CLASSES, read_voc_annotation, read_voc_split
+from tasks.detection.data import VocDetection
+from tasks.engine import train
 from tasks.evaluation.voc import IOU_THRESHOLDS, VocDetections, VocTruth, average_precision, evaluate_voc, load_voc_detections
+from tasks.registry import get_task, prepare_config
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 def _xml(filename, width, height, objects, with_flags=True) -> str:
@@ -223,3 +234,107 @@ def test_eval_tool_on_a_voc_folder(voc, tmp_path, capsys):
     bad.write_text(json.dumps([{"image_id": "nope", "category_id": 1, "score": 0.5, "bbox": [0, 0, 1, 1]}]))
     assert evaluate(["--voc", str(root), "--results", str(bad)]) == 2
     assert f"results file {bad}, entry 0: image_id 'nope' is not an image of the split" in capsys.readouterr().err
+
+
+# --- training and evaluating on VOC (data.format: voc) ----------------------------------------------------
+
+def _xml_objects(path: Path) -> list[tuple[str, list[int], int]]:
+    return [(o.findtext("name"), [int(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")],
+             int(o.findtext("difficult"))) for o in ET.parse(path).findall("object")]
+
+
+def test_the_voc_dataset_joins_07_and_12_in_detectron2s_coordinates(voc_shapes, tmp_path):
+    """07+12 trainval: VOC2007's images, then VOC2012's; boxes the XML's minus 1 at the top left; labels 1..20
+    in VOC order; difficult objects trained on (detectron2's reader keeps them) but flagged for the metric,
+    whose boxes stay the XML's; the image without objects skipped for training only."""
+    sets = [(voc_shapes / "VOC2007", "trainval"), (voc_shapes / "VOC2012", "trainval")]
+    listed = [(year, stem) for year in ("VOC2007", "VOC2012")
+              for stem in (voc_shapes / year / "ImageSets/Main/trainval.txt").read_text().split()]
+    evaluation, training = VocDetection(sets), VocDetection(sets, train=True)
+    assert list(evaluation.image_names) == [stem for _, stem in listed] and len(evaluation) == 12
+    empty = [stem for year, stem in listed if not _xml_objects(voc_shapes / year / "Annotations" / f"{stem}.xml")]
+    assert len(empty) == 1 and len(training) == 11 and empty[0] not in [training.image_names[r] for r in training.image_rows]
+    truths = evaluation.truths()
+    difficult = 0
+    for index, (year, stem) in enumerate(listed):
+        objects = _xml_objects(voc_shapes / year / "Annotations" / f"{stem}.xml")
+        _, target = evaluation[index]
+        expected = [[x1 - 1, y1 - 1, x2, y2] for _, (x1, y1, x2, y2), _ in objects]
+        assert target["boxes"].tolist() == expected and target["image_id"] == index
+        assert target["labels"].tolist() == [VOC_CLASSES.index(name) + 1 for name, _, _ in objects]
+        assert not target["iscrowd"].any()
+        assert truths[stem].difficult.tolist() == [bool(d) for _, _, d in objects]
+        assert truths[stem].boxes.tolist() == expected and truths[stem].labels.tolist() == [label - 1 for label in target["labels"].tolist()]
+        difficult += sum(d for _, _, d in objects)
+    assert difficult > 0
+
+    # an image whose size is not the XML's
+    shutil.copytree(voc_shapes / "VOC2007", tmp_path / "VOC2007")
+    stem = listed[0][1]
+    xml = tmp_path / "VOC2007" / "Annotations" / f"{stem}.xml"
+    xml.write_text(xml.read_text().replace("<width>64</width>", "<width>65</width>"))
+    image = tmp_path / "VOC2007" / "JPEGImages" / f"{stem}.jpg"
+    with pytest.raises(UserError, match=rf"^image {image} is 64x64 but {xml} says 65x64$"):
+        VocDetection([(tmp_path / "VOC2007", "trainval")])[0]
+
+
+def test_voc_config_errors_name_the_key(voc_shapes):
+    task = get_task("detection")
+    base = [*VOC_DATA, f"data.root={voc_shapes}"]
+    with pytest.raises(ConfigError, match="^data.format voc has 20 classes but model.num_classes is 3: set model.num_classes=20$"):
+        prepare_config(load_config(QUICKSTART, [*base, "model.num_classes=3"]))
+    with pytest.raises(ConfigError, match=r"^data.val.sets must list \[year folder, split\] pairs .* got \[\['VOC2007'\]\]$"):
+        prepare_config(load_config(QUICKSTART, [*base, "data.val.sets=[[VOC2007]]"]))
+    with pytest.raises(ConfigError, match="^data.format voc has boxes only: model.masks must be false"):
+        prepare_config(load_config(QUICKSTART, [*base, "model.masks=true"]))
+    assert task.data_formats == ("coco", "voc")
+
+
+@pytest.fixture(scope="module")
+def voc_run(voc_shapes, tmp_path_factory):
+    """A tiny detector trained for 4 iterations on the shapes' 07+12 trainval and evaluated on 07 test, every
+    detection kept (score threshold 0), so that every class has a curve."""
+    out = tmp_path_factory.mktemp("voc_run") / "run"
+    config = load_config(QUICKSTART, [*TINY, *VOC_DATA, f"data.root={voc_shapes}", f"output_dir={out}",
+                                      "train.max_iters=4", "model.roi_heads.score_thresh=0.0", "train.log_with=[]"])
+    result = train(get_task("detection"), config)
+    assert result.iterations == 4
+    return out, result.metrics
+
+
+def test_training_on_voc_evaluates_with_the_devkits_metric(voc_run, voc_shapes):
+    """The run's VOC evaluation (07 test: the 11-point rule) equals the devkit's loop, per class at IoU 0.5 and
+    0.75, on the results file it wrote (file stems as image ids); the classes are VOC's in the run folder."""
+    out, metrics = voc_run
+    assert set(metrics) == {"bbox/mAP", "bbox/AP", "bbox/AP50", "bbox/AP75"}
+    report = json.loads((out / "voc_report.json").read_text())
+    assert report["rule"] == "11point" and report["mAP"] == pytest.approx(metrics["bbox/mAP"])
+    results = json.loads((out / "voc_results.json").read_text())
+    test_ids = (voc_shapes / "VOC2007/ImageSets/Main/test.txt").read_text().split()
+    assert results and {r["image_id"] for r in results} <= set(test_ids)
+    annotations = voc_shapes / "VOC2007" / "Annotations"
+    checked = 0
+    for threshold in (0.5, 0.75):
+        for name, ap in report["per_class_by_iou"][f"{threshold:.2f}"].items():
+            if ap is not None:
+                assert ap == pytest.approx(devkit_ap(annotations, test_ids, results, name, threshold, True), abs=1e-6)
+                checked += 1
+    assert checked >= 4  # three shapes' classes at two thresholds (a class may have only difficult objects)
+    categories = json.loads((out / "categories.json").read_text())
+    assert [c["name"] for c in categories] == list(VOC_CLASSES) and [c["id"] for c in categories] == list(range(1, 21))
+
+
+def test_voc_evaluation_sharded_over_two_processes_equals_one(voc_run, tmp_path):
+    """tools/eval.py on the run folder under accelerate launch with two processes: each predicts every other
+    image, the main process gathers them; the metrics and the results equal the run's own evaluation."""
+    out, metrics = voc_run
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "tools/eval.py", str(out), "--output-dir", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics, abs=1e-9)
+    key = lambda r: (r["image_id"], r["category_id"], r["score"], r["bbox"])  # noqa: E731
+    assert sorted(json.loads((tmp_path / "voc_results.json").read_text()), key=key) == sorted(
+        json.loads((out / "voc_results.json").read_text()), key=key)

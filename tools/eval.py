@@ -24,7 +24,7 @@ from pathlib import Path
 from tasks.cli import DEBUG_HELP, tool
 from tasks.config import load_run
 from tasks.data.coco import load_coco
-from tasks.data.voc import VOC_CLASSES, read_voc_split
+from tasks.data.voc import VOC_CLASSES, default_rule, read_voc_split
 from tasks.engine import make_accelerator, write_json
 from tasks.evaluation.coco import BACKENDS, coco_report, load_results
 from tasks.evaluation.reports import write_coco_report
@@ -106,7 +106,7 @@ def _evaluate_voc(args: argparse.Namespace) -> int:
     images = read_voc_split(args.voc, args.split)
     truths = {image.image_id: image.truth for image in images}
     detections = load_voc_detections(args.results, list(truths), len(VOC_CLASSES))
-    rule = args.metric or ("11point" if "2007" in Path(args.voc).resolve().name else "area")
+    rule = args.metric or default_rule(args.voc)
     report = evaluate_voc(truths, detections, VOC_CLASSES, rule)
     print(format_voc_report(report))
     if args.output:

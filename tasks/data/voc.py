@@ -23,13 +23,15 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 
 @dataclass
 class VocImage:
-    """One image of a VOC split: its id (the file stem), image file, size and objects (``VocTruth``)."""
+    """One image of a VOC split: its id (the file stem), image file, size, objects (``VocTruth``) and the
+    annotation file they were read from."""
 
     image_id: str
     file: Path
     width: int
     height: int
     truth: VocTruth
+    annotation: Path
 
 
 def read_voc_annotation(path: Path, classes: Sequence[str] = VOC_CLASSES) -> VocImage:
@@ -61,7 +63,7 @@ def read_voc_annotation(path: Path, classes: Sequence[str] = VOC_CLASSES) -> Voc
     file = path.parent.parent / "JPEGImages" / (root.findtext("filename") or f"{path.stem}.jpg")
     truth = VocTruth(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(labels, dtype=np.int64),
                      np.asarray(difficult, dtype=bool))
-    return VocImage(path.stem, file, width, height, truth)
+    return VocImage(path.stem, file, width, height, truth, path)
 
 
 def read_voc_split(root: str | Path, split: str, classes: Sequence[str] = VOC_CLASSES) -> list[VocImage]:
@@ -92,3 +94,9 @@ def read_voc_sets(sets: Sequence[tuple[str | Path, str]], classes: Sequence[str]
             seen[image.image_id] = f"{root} {split}"
             images.append(image)
     return images
+
+
+def default_rule(year_folder: str | Path) -> str:
+    """The AP rule of a VOC year: the 11-point rule for VOC2007 (a folder named ``*2007``), the area rule from
+    VOC2010 on, as the devkit of each year (and detectron2's evaluator) has it."""
+    return "11point" if "2007" in Path(year_folder).resolve().name else "area"

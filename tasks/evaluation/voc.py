@@ -147,13 +147,18 @@ def load_voc_detections(path: str | Path, image_ids: Sequence[str], num_classes:
     ``category_id`` 1..K in VOC order, ``score``, ``bbox`` ``[x, y, w, h]`` in 0-based pixels. Anything else (an
     image not in the split, a category out of range) is a ``UserError`` naming the file and the entry."""
     path = Path(path)
-    entries = read_results_list(path, "results")
+    return voc_detections(read_results_list(path, "results"), image_ids, num_classes, f"results file {path}")
+
+
+def voc_detections(entries: Sequence[Any], image_ids: Sequence[str], num_classes: int, where: str) -> VocDetections:
+    """COCO-format results entries (as ``load_voc_detections`` reads them) as ``VocDetections``; a wrong entry is
+    a ``UserError`` naming ``where`` and the entry."""
     known = set(image_ids)
     ids, labels, scores, boxes = [], [], [], []
     for index, entry in enumerate(entries):
         problem = _voc_entry_problem(entry, known, num_classes)
         if problem:
-            raise UserError(f"results file {path}, entry {index}: {problem} (got {str(entry)[:200]})")
+            raise UserError(f"{where}, entry {index}: {problem} (got {str(entry)[:200]})")
         x, y, w, h = entry["bbox"]
         ids.append(str(entry["image_id"]))
         labels.append(int(entry["category_id"]) - 1)
