@@ -1,5 +1,7 @@
-"""COCO semantic segmentation data built from ``instances_*.json``: polygons and RLEs held packed in a
-``CocoTable``, drawn with pycocotools' mask functions when an image is read."""
+"""Semantic segmentation data: what every split shares (``SemanticSegmentationSplit``: the item, its
+transform, the class names) and COCO's, built from ``instances_*.json`` (polygons and RLEs held packed in a
+``CocoTable``, drawn with pycocotools' mask functions when an image is read). Label-PNG folders are
+``mask_folder.MaskFolderSegmentation``."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from backbones.errors import UserError
 from tasks.config import Config
@@ -25,7 +28,53 @@ VOC20_COCO_IDS = [5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 6
 CLASS_SETS = ("voc20", "coco80", "all")
 
 
-class CocoSegmentation(CocoSplit):
+class SemanticSegmentationSplit(Dataset):
+    """What the segmentation splits share: ``class_names`` (index 0..K-1), ``num_classes``, ``transform`` and
+    ``train``, and the item built from ``load(index)``'s image and class mask.
+
+    Items are ``(image (3, H, W) uint8, {"mask": (H, W) int64, "image_id", "orig_size"})``, class indices
+    0..K-1 and ``IGNORE`` (255) in the mask. In training the transform moves image and mask together; for
+    evaluation only the image is transformed and the mask stays at the original resolution (metrics are
+    computed there). ``item[(index, seed)]`` seeds the random transform (the engine's reproducible order).
+    """
+
+    class_names: list[str]
+    transform: A.Compose | None = None
+    train: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Item ``index``'s RGB image (H, W, 3) uint8, its class mask (H, W) uint8 and its image id."""
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """Item ``index``'s image file (what an error names)."""
+        raise NotImplementedError
+
+    def item_name(self, index: int) -> str:
+        """A file-name stem for item ``index`` (its drawing in the run's visualizations)."""
+        return str(index)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, mask, image_id = self.load(index)
+        orig_size = (int(mask.shape[0]), int(mask.shape[1]))
+        if self.transform is not None:
+            if seed is not None:
+                self.transform.set_random_seed(seed)
+            if self.train:
+                out = self.transform(image=image, mask=mask)
+                image, mask = out["image"], out["mask"]
+            else:
+                image = self.transform(image=image)["image"]
+        target = {"mask": torch.from_numpy(mask.astype(np.int64)), "image_id": image_id, "orig_size": orig_size}
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), target
+
+
+class CocoSegmentation(SemanticSegmentationSplit, CocoSplit):
     """Images with per-pixel class masks (0 background, 1..K the selected categories, 255 ignore).
 
     ``class_set``: ``voc20`` (the 20 VOC categories in VOC order), ``coco80`` (the 80 COCO categories by
@@ -35,9 +84,7 @@ class CocoSegmentation(CocoSplit):
     cover at least ``min_pixels`` (by their COCO ``area``). The polygons and RLEs are held packed in the
     split's ``CocoTable`` and drawn when an image is read.
 
-    Items are ``(image (3, H, W) uint8, {"mask": (H, W) int64, "image_id", "orig_size"})``. In training
-    the transform moves image and mask together; for evaluation only the image is transformed and the
-    mask stays at the original resolution (metrics are computed there).
+    Items as ``SemanticSegmentationSplit``'s, ``image_id`` the COCO image id.
     """
 
     def __init__(self, annotation_file: str | Path, image_dir: str | Path, class_set: str = "coco80",
@@ -62,7 +109,6 @@ class CocoSegmentation(CocoSplit):
         self.category_to_label = {c: i + 1 for i, c in enumerate(chosen)}
         names = {c["id"]: c["name"] for c in table.categories}
         self.class_names = ["background"] + [names[c] for c in chosen]
-        self.num_classes = len(self.class_names)
         rows = np.arange(len(table))
         if train:  # the area of each image's selected, non-crowd annotations
             selected = np.isin(table.category_ids, chosen) & ~table.iscrowd
@@ -99,23 +145,13 @@ class CocoSegmentation(CocoSplit):
         row = int(np.searchsorted(self.table.image_ids, int(self.image_ids[index])))
         return str(self.image_dir / self.table.file_name(row))
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        index, seed = item if isinstance(item, tuple) else (item, None)
+    def item_name(self, index: int) -> str:
+        return str(int(self.image_ids[index]))
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         image_id = int(self.image_ids[index])
-        row = int(np.searchsorted(self.table.image_ids, image_id))
-        image = self.read_image(row)
-        mask = self.semantic_mask(image_id)
-        if self.transform is not None:
-            if seed is not None:
-                self.transform.set_random_seed(seed)
-            if self.train:
-                out = self.transform(image=image, mask=mask)
-                image, mask = out["image"], out["mask"]
-            else:
-                image = self.transform(image=image)["image"]
-        target = {"mask": torch.from_numpy(mask.astype(np.int64)), "image_id": image_id,
-                  "orig_size": (int(self.table.heights[row]), int(self.table.widths[row]))}
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), target
+        image = self.read_image(int(np.searchsorted(self.table.image_ids, image_id)))
+        return image, self.semantic_mask(image_id), image_id
 
 
 def segmentation_transform(train: bool, short_sizes: Sequence[int], max_size: int, crop_size: int = 0,
@@ -137,15 +173,17 @@ def segmentation_transform(train: bool, short_sizes: Sequence[int], max_size: in
 
 
 def segmentation_names(config: Config, run_dir: Path | None, num_classes: int) -> list[str]:
-    """The name of each class index (0: background) of a segmenter: the run's categories.json, the VOC
-    names for ``data.class_set=voc20``, else ``class k``."""
+    """The name of each class index of a segmenter: the run's categories.json, ``data.class_names`` (a
+    ``mask_folder`` config), the VOC names (0: background) for ``data.class_set=voc20``, else ``class k``."""
     if run_dir is not None and (run_dir / "categories.json").is_file():
         names = [c["name"] for c in json.loads((run_dir / "categories.json").read_text())]
-    elif config.data.class_set == "voc20":
+    elif config.data.format == "mask_folder" and config.data.class_names:
+        names = list(config.data.class_names)
+    elif config.data.format != "mask_folder" and config.data.class_set == "voc20":
         names = ["background"] + [COCO_CATEGORIES[c] for c in VOC20_COCO_IDS]
     else:
         names = [f"class {k}" for k in range(num_classes)]
     if len(names) != num_classes:
         raise UserError(f"the model has {num_classes} classes (background included) but the class names "
-                        f"have {len(names)}: set model.num_classes or data.class_set to match")
+                        f"have {len(names)}: set model.num_classes or data.class_set (data.class_names) to match")
     return names

@@ -21,31 +21,34 @@ from tasks.evaluation.miou import confusion_matrix, segmentation_metrics
 from tasks.evaluation.reports import plot_per_class_iou
 
 from .checkpoint import load_segmenter_weights
-from .data import CocoSegmentation, segmentation_transform
+from .data import CocoSegmentation, SemanticSegmentationSplit, segmentation_transform
 from .drawing import draw_segmentation
+from .mask_folder import MaskFolderSegmentation, check_mask_folder_config
 from .model import build_segmenter, resolve_segmenter_config
 
 logger = logging.getLogger(__name__)
 
 
 class SegmentationTask:
-    """FCN on COCO (or the synthetic shapes) semantic masks."""
+    """FCN on COCO (or the synthetic shapes) semantic masks (``data.format: coco``), or on image and label-PNG
+    folders (``data.format: mask_folder``: VOC, Cityscapes, ADE20K, ...; tasks/segmentation/mask_folder.py)."""
 
-    data_formats = ("coco",)  # the data.format values it reads
+    data_formats = ("coco", "mask_folder")  # the data.format values it reads
 
     @staticmethod
     def resolve_model(model: dict[str, Any]) -> dict[str, Any]:
         return resolve_segmenter_config(model)
 
     def build_model(self, config: Config, init_weights: bool = True) -> nn.Module:
+        if config.data.format == "mask_folder":  # its class names and value rules against model.num_classes
+            check_mask_folder_config(config)
         return build_segmenter(config.model, init_weights=init_weights)
 
     @staticmethod
     def load_weights(model: nn.Module, path: str | Path) -> str:
         return load_segmenter_weights(model, path)
 
-    def _dataset(self, config: Config, split: str, train: bool) -> CocoSegmentation:
-        root = prepare_data_root(config)
+    def _dataset(self, config: Config, split: str, train: bool) -> SemanticSegmentationSplit:
         data, paths = config.data, getattr(config.data, split)
         transform = segmentation_transform(
             train,
@@ -54,6 +57,9 @@ class SegmentationTask:
             data.crop_size,
             data.flip_prob,
         )
+        if data.format == "mask_folder":
+            return MaskFolderSegmentation.from_config(config, split, transform, train=train)
+        root = prepare_data_root(config)
         dataset = CocoSegmentation(resolve_path(root, paths.annotations), resolve_path(root, paths.images),
                                    data.class_set, transform, train=train, min_pixels=data.min_pixels)
         num_classes = config.model.get("num_classes", 21)
@@ -62,10 +68,10 @@ class SegmentationTask:
                              f"but model.num_classes is {num_classes}")
         return dataset
 
-    def train_dataset(self, config: Config) -> CocoSegmentation:
+    def train_dataset(self, config: Config) -> SemanticSegmentationSplit:
         return self._dataset(config, "train", train=True)
 
-    def val_dataset(self, config: Config) -> CocoSegmentation:
+    def val_dataset(self, config: Config) -> SemanticSegmentationSplit:
         return self._dataset(config, "val", train=False)
 
     @staticmethod
@@ -78,7 +84,7 @@ class SegmentationTask:
         images, targets = batch
         return images, [{"mask": t["mask"], "image_id": t["image_id"]} for t in targets]
 
-    def metadata(self, dataset: CocoSegmentation) -> dict[str, Any]:
+    def metadata(self, dataset: SemanticSegmentationSplit) -> dict[str, Any]:
         return {"categories": [{"id": i, "name": n} for i, n in enumerate(dataset.class_names)]}
 
     @torch.no_grad()
@@ -88,7 +94,7 @@ class SegmentationTask:
         logits = F.interpolate(logits[None], size=orig_size, mode="bilinear", align_corners=False)[0]
         return logits.argmax(0)
 
-    def evaluate(self, model: nn.Module, dataset: CocoSegmentation, accelerator: Accelerator, output_dir: Path,
+    def evaluate(self, model: nn.Module, dataset: SemanticSegmentationSplit, accelerator: Accelerator, output_dir: Path,
                  config: Config) -> dict[str, float]:
         """Each process accumulates a confusion matrix over its shard at original resolution (images read by
         ``data.num_workers`` workers); the matrices are summed over processes, then reduced to mIoU, pixel
@@ -114,11 +120,11 @@ class SegmentationTask:
                 logger.info("no per_class_iou.png: %s", missing)
         return {f"segm/{k}": v for k, v in metrics.items()}
 
-    def visualize(self, model: nn.Module, dataset: CocoSegmentation, output_dir: Path, config: Config) -> None:
+    def visualize(self, model: nn.Module, dataset: SemanticSegmentationSplit, output_dir: Path, config: Config) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         model.eval()
         for index in range(min(config.eval.num_visualize, len(dataset))):
-            image, target = dataset[index]
+            image, _ = dataset[index]
             classes = self.predict(model, image, tuple(image.shape[-2:])).cpu().numpy().astype(np.uint8)
             draw_segmentation(image.permute(1, 2, 0).numpy(), classes, dataset.class_names).save(
-                output_dir / f"{target['image_id']}.png")
+                output_dir / f"{dataset.item_name(index)}.png")
