@@ -21,7 +21,7 @@ _RESNET_KEYS = (
     "width_per_group", "res2_out_channels",
 )
 _TIMM_KEYS = ("model", "out_features", "output_stride", "norm", "freeze_at", "in_channels")
-_FPN_KEYS = ("bottom_up", "in_features", "out_channels", "top_block")
+_FPN_KEYS = ("bottom_up", "in_features", "out_channels", "top_block", "norm")
 
 
 def _build_fpn(bottom_up: Mapping[str, Any] | None = None, *, where: str = "backbone", init_weights: bool = True,

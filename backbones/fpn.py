@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Backbone, ShapeSpec
+from .norm import conv2d
 
 TOP_BLOCKS = ("maxpool", "conv", "none")
 
@@ -23,6 +24,10 @@ class FPN(Backbone):
     coarser level ``p<k+1>`` comes from the coarsest output by a stride-2 max-pool (``top_block="maxpool"``,
     Faster R-CNN) or a stride-2 3x3 conv (``"conv"``, RetinaNet style); ``"none"`` adds nothing.
 
+    ``norm`` ("" none, "BN", "FrozenBN", "SyncBN", "GN") follows each lateral and each output convolution,
+    which then have no bias, as detectron2's FPN has it (``MODEL.FPN.NORM``; its parameters
+    ``fpn_lateral2.norm.*`` are ``lateral_convs.0.norm.*`` here); the ``"conv"`` top block has none.
+
     Channels and strides come from ``bottom_up.output_shape()``; the input features must be a contiguous
     run of levels, each stride twice the previous one.
     """
@@ -33,6 +38,7 @@ class FPN(Backbone):
         in_features: Sequence[str] | None = None,
         out_channels: int = 256,
         top_block: str = "maxpool",
+        norm: str = "",
     ):
         super().__init__()
         bottom_shapes = bottom_up.output_shape()
@@ -56,10 +62,10 @@ class FPN(Backbone):
         self.bottom_up = bottom_up
         self.in_features = in_features
         self.lateral_convs = nn.ModuleList(
-            nn.Conv2d(bottom_shapes[name].channels, out_channels, 1) for name in in_features
+            conv2d(bottom_shapes[name].channels, out_channels, 1, norm) for name in in_features
         )
         self.output_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_features
+            conv2d(out_channels, out_channels, 3, norm, padding=1) for _ in in_features
         )
         self.top_block = top_block
         self.top_conv = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) if top_block == "conv" else None
@@ -72,7 +78,8 @@ class FPN(Backbone):
 
         for conv in [*self.lateral_convs, *self.output_convs, *([self.top_conv] if self.top_conv else [])]:
             nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     @property
     def size_divisibility(self) -> int:

@@ -198,7 +198,9 @@ def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(container), dict):
             state = state[container]
     if path.suffix == ".pkl" and isinstance(state, dict):
-        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items() if isinstance(v, np.ndarray)}
+        # (ascontiguousarray makes a 0-d array 1-d: the reshape keeps a BatchNorm's num_batches_tracked a scalar)
+        state = {k: torch.from_numpy(np.ascontiguousarray(v).reshape(v.shape)) for k, v in state.items()
+                 if isinstance(v, np.ndarray)}
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"weights file {path} holds no state dict of tensors")
     if state and all(k.startswith("module.") for k in state):

@@ -26,30 +26,44 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from backbones import batch_norm_over, conv2d
+
 MASK_RULES = ("torchvision", "detectron2")
 
 
 class MaskHead(nn.Module):
-    """``num_conv`` 3x3 convolutions of ``conv_dim`` (ReLU), a 2x2 stride-2 deconvolution (ReLU), a 1x1
-    convolution to ``num_classes`` mask logits (one map per class 1..K, background has none): regions
-    ``(R, C, S, S)`` to logits ``(R, K, 2S, 2S)``. Weights initialised as detectron2's (MSRA fill for the
-    convolutions, normal(0.001) for the predictor)."""
+    """``num_conv`` 3x3 convolutions of ``conv_dim`` (each followed by ``norm`` and ReLU), a 2x2 stride-2
+    deconvolution (ReLU), a 1x1 convolution to ``num_classes`` mask logits (one map per class 1..K,
+    background has none): regions ``(R, C, S, S)`` to logits ``(R, K, 2S, 2S)``. With a norm ("BN",
+    "SyncBN", "GN", ...: detectron2's ``ROI_MASK_HEAD.NORM``) the convolutions have no bias
+    (``convs.0.norm.*`` here, ``mask_fcn1.norm.*`` in detectron2); the deconvolution and the predictor have
+    no norm and keep their bias. Weights initialised as detectron2's (MSRA fill for the convolutions,
+    normal(0.001) for the predictor).
 
-    def __init__(self, in_channels: int, num_classes: int, num_conv: int = 4, conv_dim: int = 256):
+    ``forward(x, weight)``: in training the regions are a fixed number of slots per image, the sampled
+    positives first (see ``RoIHeads``), ``weight`` ``(R,)`` 1 for the positives: a batch norm (BN, SyncBN)
+    takes its statistics over those alone, as detectron2's mask head, which sees the positives only."""
+
+    def __init__(self, in_channels: int, num_classes: int, num_conv: int = 4, conv_dim: int = 256, norm: str = ""):
         super().__init__()
         dims = [in_channels] + [conv_dim] * num_conv
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(dims, dims[1:]))
+        self.convs = nn.ModuleList(conv2d(a, b, 3, norm, padding=1) for a, b in zip(dims, dims[1:]))
         self.deconv = nn.ConvTranspose2d(dims[-1], conv_dim, 2, stride=2)
         self.predictor = nn.Conv2d(conv_dim, num_classes, 1)
         for layer in [*self.convs, self.deconv]:
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         for conv in self.convs:
-            x = F.relu(conv(x))
+            norm = getattr(conv, "norm", None)
+            if weight is not None and isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training:
+                x = F.relu(batch_norm_over(norm, conv._conv_forward(x, conv.weight, None), weight))
+            else:
+                x = F.relu(conv(x))
         return self.predictor(F.relu(self.deconv(x)))
 
 

@@ -1,7 +1,8 @@
 """Fast R-CNN RoI heads: pool each proposal's features, classify it and refine its box.
 
 Three layouts plug onto a backbone through its ``output_shape()``:
-- FPN: multi-level RoIAlign 7x7 (the FPN paper's level assignment), two 1024-d fc layers;
+- FPN: multi-level RoIAlign 7x7 (the FPN paper's level assignment), two 1024-d fc layers (or detectron2's
+  convolutions with a norm before them, e.g. its "4conv1fc");
 - C4 (the ResNet paper's detector): RoIAlign 14x14 on ``res4``, the ``res5`` stage as the box head,
   global average pooling;
 - DC5: RoIAlign 7x7 on a dilated ``res5`` (stride 16), two fc layers.
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_area, roi_align
 
-from backbones import ShapeSpec
+from backbones import ShapeSpec, conv2d
 
 from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, ground_truth_iou, sample_balanced, sampled_indices
 from .detections import Detections
@@ -119,15 +120,33 @@ def torchvision_roi_align(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class FCBoxHead(nn.Module):
-    """Flatten, then ``num_fc`` fully connected layers with ReLU."""
+    """``num_conv`` 3x3 convolutions of ``conv_dim`` (each followed by ``norm`` and ReLU), flatten, then
+    ``num_fc`` fully connected layers of ``fc_dim`` with ReLU: detectron2's ``FastRCNNConvFCHead``. The
+    default (no convolution, two fc layers) is the FPN paper's and torchvision's head; ``num_conv=4,
+    num_fc=1`` with a norm is detectron2's "4conv1fc" (its SyncBN and GN baselines). With a norm the
+    convolutions have no bias (``convs.0.weight``, ``convs.0.norm.*``: detectron2's ``conv1.weight``,
+    ``conv1.norm.*``). The convolutions start as detectron2's (MSRA fill); the fc layers as PyTorch's.
 
-    def __init__(self, in_channels: int, pooled_size: int, num_fc: int = 2, fc_dim: int = 1024):
+    In training a batch norm's statistics are those of the sampled regions, as detectron2's, and of the
+    filler slots of an image with fewer candidates than ``batch_size_per_image`` (``RoIHeads``), which
+    detectron2 does not have (rare on COCO: up to 2000 proposals an image in training)."""
+
+    def __init__(self, in_channels: int, pooled_size: int, num_fc: int = 2, fc_dim: int = 1024, num_conv: int = 0,
+                 conv_dim: int = 256, norm: str = ""):
         super().__init__()
-        dims = [in_channels * pooled_size * pooled_size] + [fc_dim] * num_fc
+        channels = [in_channels] + [conv_dim] * num_conv
+        self.convs = nn.ModuleList(conv2d(a, b, 3, norm, padding=1) for a, b in zip(channels, channels[1:]))
+        for conv in self.convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        dims = [channels[-1] * pooled_size * pooled_size] + [fc_dim] * num_fc
         self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
         self.out_channels = dims[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = F.relu(conv(x))
         x = x.flatten(1)
         for fc in self.fcs:
             x = F.relu(fc(x))
@@ -263,12 +282,14 @@ class RoIHeads(nn.Module):
             detections = self.detect_masks(features, detections)
         return detections, {}
 
-    def _mask_logits(self, features: dict[str, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        """The mask head's logits ``(N * R, K, M, M)`` for the regions ``boxes`` ``(N, R, 4)``."""
+    def _mask_logits(self, features: dict[str, torch.Tensor], boxes: torch.Tensor,
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask head's logits ``(N * R, K, M, M)`` for the regions ``boxes`` ``(N, R, 4)``; ``weight``
+        ``(N * R,)``: the regions a batch norm of the head takes its statistics from (training)."""
         maps = [features[f] for f in self.in_features]
         if self.shares_res5:
-            return self.mask_head(self.box_head.feature_map(self.pooler(maps, boxes)))
-        return self.mask_head(self.mask_pooler(maps, boxes))
+            return self.mask_head(self.box_head.feature_map(self.pooler(maps, boxes)), weight)
+        return self.mask_head(self.mask_pooler(maps, boxes), weight)
 
     def mask_losses(self, features: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.Tensor,
                     matched: torch.Tensor, targets: list[dict[str, torch.Tensor]],
@@ -281,9 +302,9 @@ class RoIHeads(nn.Module):
         mask_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
         if res5_map is not None:  # C4: the box head's res5 map of the same regions
             rows = (index + torch.arange(num_images, device=index.device)[:, None] * per_image).flatten()
-            logits = self.mask_head(res5_map[rows])
+            logits = self.mask_head(res5_map[rows], positive.flatten())
         else:
-            logits = self._mask_logits(features, mask_boxes)
+            logits = self._mask_logits(features, mask_boxes, positive.flatten())
         logits = class_masks(logits, labels.gather(1, index).flatten())
         gt_masks = torch.stack([t["masks"] for t in targets])  # (N, G, H, W)
         goal = mask_targets(gt_masks, matched.gather(1, index), mask_boxes, logits.shape[-1], self.mask_rules)

@@ -90,6 +90,9 @@ def test_every_shipped_config_loads_and_builds(path):
         assert config.train.max_iters == 180000 and config.train.steps == [120000, 160000]
     if path in PROTOCOLS and "moco" in path.stem:  # SyncBN in the backbone (and so in C4's res5 head), nothing frozen
         assert config.model["backbone"]["norm"] == "SyncBN" and config.model["backbone"]["freeze_at"] == 0
+        if "_fpn_" in path.stem:  # and in the FPN; MoCo's R50-FPN heads have no norm (facebookresearch/moco#34)
+            assert config.model["fpn"]["norm"] == "SyncBN" and config.model["masks"] is True
+            assert not config.model.get("roi_heads", {}).get("norm") and not config.model.get("mask_head", {}).get("norm")
     assert model.num_classes == config.model["num_classes"]
 
 

@@ -339,3 +339,214 @@ def test_padded_targets_label_the_anchors_as_the_targets_themselves():
     for target, plain in zip(padded[:1], targets[:1]):
         assert all(torch.equal(a, b) for a, b in zip(model.roi_heads._label(boxes, target),
                                                        model.roi_heads._label(boxes, plain)))
+
+
+# The norms of detectron2's SyncBN / GN baselines (its Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml): the FPN's,
+# the "4conv1fc" box head's and the mask head's, each written out here from detectron2's parameter names.
+def _detectron2_conv_names(prefix: str, count: int, norm: str) -> list[str]:
+    """detectron2's names of ``count`` ``layers.Conv2d`` with ``norm`` (``<prefix><k>``, k from 1)."""
+    stats = ["running_mean", "running_var", "num_batches_tracked"] if norm in ("BN", "SyncBN") else []
+    return [f"{prefix}{k}.{p}" for k in range(1, count + 1) for p in ["weight", "norm.weight", "norm.bias", *[f"norm.{s}" for s in stats]]]
+
+
+def _by_hand(x: torch.Tensor, params: dict[str, torch.Tensor], names: list[str], norm: str, training: bool) -> torch.Tensor:
+    """detectron2's conv -> norm -> ReLU of each of ``names`` (their prefixes), with torch.nn.functional and
+    the parameters by detectron2's name; the running statistics in ``params`` are updated in training."""
+    import torch.nn.functional as F
+
+    for name in names:
+        x = F.conv2d(x, params[f"{name}.weight"], padding=1)
+        if norm == "GN":
+            x = F.group_norm(x, 32, params[f"{name}.norm.weight"], params[f"{name}.norm.bias"])
+        else:
+            x = F.batch_norm(x, params[f"{name}.norm.running_mean"], params[f"{name}.norm.running_var"],
+                             params[f"{name}.norm.weight"], params[f"{name}.norm.bias"], training=training)
+        x = F.relu(x)
+    return x
+
+
+def _randomize_norms(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+def _detectron2_params(module: torch.nn.Module, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """``module``'s tensors by detectron2's ``names``: each mapped by the checkpoint importer to ours, so the
+    mapping and our module's keys are checked against the list written from detectron2's code."""
+    from tasks.detection.checkpoint import _map_detectron2_detection_key
+
+    own = {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+    mapped = {name: _map_detectron2_detection_key(f"{prefix}.{name}") for name in names}
+    assert sorted(mapped.values()) == sorted(own), "our keys are detectron2's names, mapped"
+    return {name: own[key].clone() for name, key in mapped.items()}
+
+
+@pytest.mark.parametrize("norm", ["BN", "GN"])
+def test_4conv1fc_box_head_is_detectron2s_conv_fc_head(norm):
+    """``roi_heads: {num_conv: 4, num_fc: 1, norm}``: detectron2's FastRCNNConvFCHead (``conv1..conv4``, each
+    3x3 without bias, its norm and ReLU; flatten; ``fc1`` and ReLU): its parameter names, and the same
+    features as that head written with torch.nn.functional from the same weights, with batch statistics in
+    training (the running ones updated alike) and the running ones at evaluation."""
+    import torch.nn.functional as F
+
+    model = tiny_detector("fpn", roi_heads={**TINY["roi_heads"], "num_conv": 4, "num_fc": 1, "conv_dim": 32, "norm": norm})
+    head = model.roi_heads.box_head
+    _randomize_norms(head)
+    names = _detectron2_conv_names("conv", 4, norm) + ["fc1.weight", "fc1.bias"]
+    params = _detectron2_params(head, "roi_heads.box_head", names)
+    assert head.out_channels == 256 and params["fc1.weight"].shape == (256, 32 * 7 * 7)
+    x = torch.randn(6, 256, 7, 7)
+    for training in (True, False):
+        with torch.no_grad():
+            got = head.train(training)(x)
+            expected = _by_hand(x, params, [f"conv{k}" for k in range(1, 5)], norm, training)
+            expected = F.relu(F.linear(expected.flatten(1), params["fc1.weight"], params["fc1.bias"]))
+        assert (got - expected).abs().max() < 1e-4, training
+    if norm == "BN":
+        assert torch.allclose(head.convs[3].norm.running_var, params["conv4.norm.running_var"], atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["SyncBN", "GN"])
+def test_normed_mask_head_is_detectron2s_and_normalizes_over_the_positives(norm):
+    """``mask_head.norm``: detectron2's MaskRCNNConvUpsampleHead with ``ROI_MASK_HEAD.NORM`` (``mask_fcn1..4``
+    without bias, each with its norm and ReLU, then ``deconv`` and ``predictor``): its parameter names and
+    its logits, by hand with torch.nn.functional from the same weights. In training the head sees a fixed
+    number of slots, ``weight`` 1 for the positives: a batch norm's statistics (and its running ones) are
+    those of the positives alone, what detectron2's head, fed the positives only, computes; with no
+    positive at all, those of every slot (finite). A group norm is per region either way."""
+    import torch.nn.functional as F
+
+    from heads import MaskHead
+
+    head = MaskHead(32, 3, num_conv=4, conv_dim=32, norm=norm)
+    _randomize_norms(head)
+    names = _detectron2_conv_names("mask_fcn", 4, norm) + ["deconv.weight", "deconv.bias", "predictor.weight",
+                                                           "predictor.bias"]
+    params = _detectron2_params(head, "roi_heads.mask_head", names)
+
+    def by_hand(x, training):
+        x = _by_hand(x, params, [f"mask_fcn{k}" for k in range(1, 5)], norm, training)
+        x = F.relu(F.conv_transpose2d(x, params["deconv.weight"], params["deconv.bias"], stride=2))
+        return F.conv2d(x, params["predictor.weight"], params["predictor.bias"])
+
+    x = torch.randn(8, 32, 14, 14)
+    positive = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0])
+    with torch.no_grad():
+        got = head.train()(x, positive)
+        expected = by_hand(x[positive == 1], training=True)  # detectron2's: the positives alone
+        assert got.shape == (8, 3, 28, 28) and (got[positive == 1] - expected).abs().max() < 1e-4
+        if norm == "SyncBN":
+            for k in range(4):
+                assert torch.allclose(head.convs[k].norm.running_mean, params[f"mask_fcn{k + 1}.norm.running_mean"], atol=1e-6)
+                assert torch.allclose(head.convs[k].norm.running_var, params[f"mask_fcn{k + 1}.norm.running_var"], atol=1e-6)
+        assert (head.eval()(x) - by_hand(x, training=False)).abs().max() < 1e-4
+        head.train()
+        nothing = head(x, torch.zeros(8, dtype=torch.int64))
+        assert torch.isfinite(nothing).all() and (nothing - head(x)).abs().max() < 1e-4  # the statistics of all slots
+
+
+def test_default_heads_and_fpn_keep_their_modules_and_keys():
+    """Without the norm keys the FPN, the box head and the mask head are what they were: plain convolutions
+    with biases, two fc layers, the same state dict keys; the keys given at their defaults build the same
+    network with the same initial weights."""
+    from backbones import NormedConv2d
+
+    torch.manual_seed(0)
+    model = tiny_detector("fpn", masks=True)
+    torch.manual_seed(0)
+    explicit = tiny_detector("fpn", masks=True, fpn={"norm": ""}, mask_head={"norm": ""},
+                             roi_heads={**TINY["roi_heads"], "num_conv": 0, "conv_dim": 256, "norm": ""})
+    state = model.state_dict()
+    assert [k for k in state if k.startswith("roi_heads.box_head.")] == [
+        f"roi_heads.box_head.fcs.{i}.{p}" for i in range(2) for p in ("weight", "bias")]
+    assert [k for k in state if k.startswith("roi_heads.mask_head.")] == [
+        *[f"roi_heads.mask_head.convs.{i}.{p}" for i in range(4) for p in ("weight", "bias")],
+        *[f"roi_heads.mask_head.{m}.{p}" for m in ("deconv", "predictor") for p in ("weight", "bias")]]
+    assert [k for k in state if k.startswith("backbone.") and not k.startswith("backbone.bottom_up.")] == [
+        f"backbone.{kind}_convs.{i}.{p}" for kind in ("lateral", "output") for i in range(4) for p in ("weight", "bias")]
+    assert not any(isinstance(m, NormedConv2d) for m in model.modules())
+    assert list(explicit.state_dict()) == list(state)
+    assert all(torch.equal(v, explicit.state_dict()[k]) for k, v in state.items())
+
+
+def test_syncbn_in_the_fpn_and_both_heads_trains_in_one_cpu_process():
+    """SyncBN in the FPN, the 4conv1fc box head and the mask head (detectron2's SyncBN baseline) in a single
+    CPU process, as the backbone's SyncBN runs there: SyncBatchNorm normalizes with its own batch (no process
+    group to reduce over), every one of them trains, and the model detects at evaluation."""
+    model = tiny_detector("fpn", masks=True, fpn={"norm": "SyncBN", "out_channels": 32},
+                          roi_heads={**TINY["roi_heads"], "num_conv": 4, "num_fc": 1, "conv_dim": 32, "norm": "SyncBN"},
+                          mask_head={"norm": "SyncBN", "conv_dim": 16})
+    norms = {name for name, m in model.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)}
+    assert len([n for n in norms if n.startswith("backbone.") and not n.startswith("backbone.bottom_up")]) == 8
+    assert len([n for n in norms if n.startswith("roi_heads.box_head.")]) == 4
+    assert len([n for n in norms if n.startswith("roi_heads.mask_head.")]) == 4
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
+    masks = torch.zeros(1, 96, 128, dtype=torch.uint8)
+    masks[0, 20:60, 30:90] = 1
+    target = {"boxes": torch.tensor([[30.0, 20.0, 90.0, 60.0]]), "labels": torch.tensor([1]), "masks": masks}
+    losses = model.train()([image, image.flip(-1)], [target, {**target, "masks": masks.flip(-1),
+                                                             "boxes": torch.tensor([[38.0, 20.0, 98.0, 60.0]])}])
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask"] > 0
+    sum(losses.values()).backward()
+    assert all(model.get_submodule(n).weight.grad is not None for n in norms if not n.startswith("backbone.bottom_up"))
+    with torch.no_grad():
+        (detections,) = model.eval()([image])
+    assert detections["mask_probs"].shape[1:] == (28, 28)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"fpn": {"norm": "LN"}}, r"model.fpn.norm must be one of '', 'BN', 'FrozenBN', 'SyncBN', 'GN'.*got 'LN'"),
+    ({"mask_head": {"norm": "syncbn"}}, r"model.mask_head.norm must be one of"),
+    ({"layout": "c4", "roi_heads": {"norm": "SyncBN"}}, r"C4's box head is the res5 stage, normalized by model.backbone.norm"),
+])
+def test_norm_key_errors_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_detector({"backbone": TINY["backbone"], **overrides})
+
+
+def _two_process_batch_norm(rank: int, port: int, x: torch.Tensor, weight: torch.Tensor, out: Path) -> None:
+    """One of two gloo processes: its half of the regions through ``batch_norm_over`` with a SyncBatchNorm."""
+    import torch.distributed as dist
+
+    from backbones import batch_norm_over
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        norm = torch.nn.SyncBatchNorm(x.shape[1]).train()
+        mine = x[rank * 3: rank * 3 + 3].clone().requires_grad_()
+        y = batch_norm_over(norm, mine, weight[rank * 3: rank * 3 + 3])
+        (y * torch.arange(y.numel()).view_as(y).sin() * (1 + rank)).sum().backward()
+        torch.save((y.detach(), mine.grad, norm.running_mean, norm.running_var), out / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_norm_over_the_positives_of_every_process(tmp_path):
+    """A SyncBatchNorm of the mask head in a process group of two: the statistics of the positives of both
+    processes, reduced together (differentiably: each process's gradients are those of one process holding
+    every region); outputs, input gradients and running statistics are the single-process ones over all."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    from backbones import batch_norm_over
+
+    x, weight = torch.randn(6, 4, 5, 5), torch.tensor([1, 0, 1, 0, 0, 1])
+    mp.get_context("forkserver").set_forkserver_preload([__name__])  # the imports once, for both processes
+    mp.start_processes(_two_process_batch_norm, args=(free_port(), x, weight, tmp_path), nprocs=2,
+                       start_method="forkserver")
+    norm = torch.nn.SyncBatchNorm(4).train()
+    whole = x.clone().requires_grad_()
+    y = batch_norm_over(norm, whole, weight)
+    half = torch.arange(y[:3].numel()).view_as(y[:3]).sin()
+    (y * torch.cat([half, 2 * half])).sum().backward()
+    for rank in (0, 1):
+        got, grad, mean, var = torch.load(tmp_path / f"{rank}.pt")
+        rows = slice(rank * 3, rank * 3 + 3)
+        assert torch.allclose(got, y[rows].detach(), atol=1e-5) and torch.allclose(grad, whole.grad[rows], atol=1e-5)
+        assert torch.allclose(mean, norm.running_mean, atol=1e-6) and torch.allclose(var, norm.running_var, atol=1e-6)

@@ -118,6 +118,52 @@ def test_zoo_configs_are_detectron2_models(name):
         load_detector_weights(narrow, REFERENCE / f"faster_rcnn_R_50_{layout}_1x.pkl")
 
 
+def test_a_detectron2_syncbn_mask_rcnn_checkpoint_loads_by_its_names(tmp_path):
+    """A checkpoint of detectron2's SyncBN Mask R-CNN (Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml: FPN.NORM, the
+    4conv1fc ROI_BOX_HEAD with NORM, ROI_MASK_HEAD.NORM) loads strictly into the model the same keys
+    build: the narrow reference Mask R-CNN's zoo-format file, its FPN, box head and mask head replaced by
+    tensors under the names detectron2's FPN, FastRCNNConvFCHead and MaskRCNNConvUpsampleHead give those
+    layers (``fpn_lateral2.norm.running_var``, ``box_head.conv1.norm.weight``, ``box_head.fc1``,
+    ``mask_head.mask_fcn1.norm.bias``, ...; no conv bias beside a norm), each landing in its layer."""
+    with open(REFERENCE / "mask_rcnn_R_50_FPN_1x.pkl", "rb") as f:
+        zoo = pickle.load(f, encoding="latin1")["model"]
+    kept = {k: v for k, v in zoo.items() if not k.startswith(("backbone.fpn_", "roi_heads.box_head.", "roi_heads.mask_head.mask_fcn"))}
+    rng = np.random.default_rng(0)
+    stats = ("weight", "bias", "running_mean", "running_var")
+    written, ours = {}, {}  # detectron2's name -> tensor, and the key it must land at in our model
+
+    def conv(name, own, shape, channels):
+        written[f"{name}.weight"], ours[f"{name}.weight"] = rng.normal(size=shape).astype(np.float32), f"{own}.weight"
+        for stat in stats:
+            written[f"{name}.norm.{stat}"] = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+            ours[f"{name}.norm.{stat}"] = f"{own}.norm.{stat}"
+        written[f"{name}.norm.num_batches_tracked"] = np.array(7, dtype=np.int64)  # nn.SyncBatchNorm's buffer
+        ours[f"{name}.norm.num_batches_tracked"] = f"{own}.norm.num_batches_tracked"
+
+    for stage, channels in zip(range(2, 6), (32, 64, 128, 256)):
+        conv(f"backbone.fpn_lateral{stage}", f"backbone.lateral_convs.{stage - 2}", (64, channels, 1, 1), 64)
+        conv(f"backbone.fpn_output{stage}", f"backbone.output_convs.{stage - 2}", (64, 64, 3, 3), 64)
+    for k in range(1, 5):
+        conv(f"roi_heads.box_head.conv{k}", f"roi_heads.box_head.convs.{k - 1}", (64, 64, 3, 3), 64)
+        conv(f"roi_heads.mask_head.mask_fcn{k}", f"roi_heads.mask_head.convs.{k - 1}", (64, 64, 3, 3), 64)
+    written["roi_heads.box_head.fc1.weight"] = rng.normal(size=(128, 64 * 7 * 7)).astype(np.float32)
+    written["roi_heads.box_head.fc1.bias"] = rng.normal(size=128).astype(np.float32)
+    ours.update({f"roi_heads.box_head.fc1.{p}": f"roi_heads.box_head.fcs.0.{p}" for p in ("weight", "bias")})
+    path = tmp_path / "mask_rcnn_R_50_FPN_syncbn.pkl"
+    path.write_bytes(pickle.dumps({"model": {**kept, **written}, "__author__": "test"}))
+
+    norms = ["model.fpn.norm=SyncBN", "model.roi_heads.num_conv=4", "model.roi_heads.conv_dim=64", "model.roi_heads.num_fc=1",
+             "model.roi_heads.norm=SyncBN", "model.mask_head.conv_dim=64", "model.mask_head.norm=SyncBN"]
+    model = build_detector(load_config(CONFIGS / "mask_rcnn_R_50_FPN_1x.yaml", NARROW + norms).model, init_weights=False)
+    assert load_detector_weights(model, path) == "detectron2-detection"  # strict: every tensor placed, none left
+    state = model.state_dict()
+    for name, value in written.items():
+        assert torch.equal(state[ours[name]], torch.as_tensor(value)), name
+    convs = {key.rsplit(".", 1)[0] for name, key in ours.items() if name.endswith(".weight") and ".norm." not in name}
+    assert len(convs) == 17 and not any(f"{conv}.bias" in state for conv in convs - {"roi_heads.box_head.fcs.0"})
+    assert isinstance(model.backbone.lateral_convs[0].norm, torch.nn.SyncBatchNorm)
+
+
 def test_zoo_checkpoint_mismatch_is_named(tmp_path):
     """Strict: a zoo checkpoint under the wrong config names the mismatching tensors in one error."""
     config = load_config(CONFIGS / "faster_rcnn_R_50_C4_1x.yaml", NARROW + ["model.num_classes=3"])

@@ -52,6 +52,43 @@ def test_fpn_equals_torchvision_feature_pyramid_network():
         assert (got[name] - expected[reference_name]).abs().max().item() <= 1e-5, name
 
 
+@pytest.mark.parametrize("norm", ["BN", "GN"])
+def test_fpn_norm_equals_torchvision_feature_pyramid_network_with_a_norm_layer(norm):
+    """``norm``: each lateral and output convolution without bias and followed by the norm, no activation,
+    as detectron2's FPN (``use_bias = norm == ""``) and torchvision's with ``norm_layer`` (its
+    Conv2dNormActivation drops the bias too) both wire it: the same pyramid from the same weights, with
+    batch statistics in training and the running ones it leaves at evaluation. (torchvision's only other
+    difference is naming: ``inner_blocks.i.0``/``.1`` for ``lateral_convs.i``/``.norm``.) Without a norm
+    the convolutions keep their bias and the keys stay as they were."""
+    bottom_up = ResNet(18, norm="FrozenBN")
+    ours = FPN(bottom_up, out_channels=64, norm=norm)
+    layer = torch.nn.BatchNorm2d if norm == "BN" else (lambda channels: torch.nn.GroupNorm(32, channels))
+    reference = FeaturePyramidNetwork([64, 128, 256, 512], 64, extra_blocks=LastLevelMaxPool(), norm_layer=layer)
+    assert [k for k in ours.state_dict() if not k.startswith("bottom_up.")][:2] == [
+        "lateral_convs.0.weight", "lateral_convs.0.norm.weight"]
+    with torch.no_grad():
+        for i in range(4):
+            for theirs, mine in ((reference.inner_blocks[i], ours.lateral_convs[i]),
+                                 (reference.layer_blocks[i], ours.output_convs[i])):
+                assert mine.bias is None and theirs[0].bias is None
+                theirs[0].weight.copy_(mine.weight)
+                mine.norm.weight.uniform_(0.5, 1.5)
+                mine.norm.bias.uniform_(-0.5, 0.5)
+                theirs[1].load_state_dict(mine.norm.state_dict())
+    images = torch.randn(2, 3, 96, 64)
+    names = ["res2", "res3", "res4", "res5", "pool"]
+    for mode in ("train", "eval"):  # training updates the running statistics on both sides alike
+        ours.train(mode == "train")
+        reference.train(mode == "train")
+        with torch.no_grad():
+            got, features = ours(images), bottom_up(images)
+            expected = reference(OrderedDict((k, features[k]) for k in names[:4]))
+        for name, reference_name in zip(["p2", "p3", "p4", "p5", "p6"], names):
+            assert (got[name] - expected[reference_name]).abs().max().item() <= 1e-4, (mode, name)
+    plain = [k for k in FPN(ResNet(18), out_channels=64).state_dict() if not k.startswith("bottom_up.")]
+    assert plain == [f"{kind}_convs.{i}.{p}" for kind in ("lateral", "output") for i in range(4) for p in ("weight", "bias")]
+
+
 def test_fpn_input_errors_name_the_problem():
     with pytest.raises(ValueError, match="doubling strides"):
         FPN(ResNet(50, output_stride=16))

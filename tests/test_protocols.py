@@ -12,22 +12,40 @@ from tasks.registry import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.backbone.depth=18", "model.backbone.weights=null", "model.num_classes=3", "model.mask_head.conv_dim=16",
+         "model.fpn.out_channels=32", "model.roi_heads.fc_dim=64",
          "model.roi_heads.batch_size_per_image=32", "model.rpn.batch_size_per_image=64", "data.min_size_train=[64]",
          "data.max_size_train=96", "data.min_size_test=64", "data.max_size_test=96", "data.num_workers=0",
          "train.batch_size=2", "train.max_iters=2", "train.warmup_iters=1", "train.log_period=1", "eval.num_visualize=0",
          "train.log_with=[]"]
 
 
-@pytest.mark.parametrize("name", ["coco_mask_rcnn_r50_c4_1x_moco"])
+# where each protocol has its SyncBN (the prefixes of the modules that hold one): C4's res5 box head is the
+# backbone's res5; MoCo's R50-FPN has it in the backbone and the FPN, its heads have none (issue #34)
+SYNCBN_IN = {"coco_mask_rcnn_r50_c4_1x_moco": {"backbone.stem", "backbone.res2", "backbone.res3", "backbone.res4",
+                                                "roi_heads.box_head.res5"},
+             "coco_mask_rcnn_r50_fpn_1x_moco": {"backbone.bottom_up.stem", "backbone.bottom_up.res2",
+                                                "backbone.bottom_up.res3", "backbone.bottom_up.res4",
+                                                "backbone.bottom_up.res5", "backbone.lateral_convs",
+                                                "backbone.output_convs"}}
+
+
+@pytest.mark.parametrize("name", list(SYNCBN_IN))
 def test_a_protocol_runs_end_to_end(shapes, tmp_path, name):
+    """Two iterations and an evaluation of each layout's protocol (a ResNet-18, tiny heads, generated
+    shapes), then: SyncBN exactly where the protocol puts it, every one of them training."""
     config = load_config(ROOT / "configs" / "protocols" / f"{name}.yaml",
                          [*SMALL, f"data.root={shapes}", f"output_dir={tmp_path / 'run'}"])
     task = get_task(config.task)
     result = train(task, config)
     assert result.iterations == 2 and "segm/AP" in result.metrics and "bbox/AP" in result.metrics
     model = task.build_model(config, init_weights=False)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
-    assert norms and all(p.requires_grad for m in norms for p in m.parameters())  # SyncBN everywhere, all training
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)}
+    places = SYNCBN_IN[name]
+    assert all(any(n.startswith(f"{place}.") for place in places) for n in norms)
+    assert all(any(n.startswith(f"{place}.") for n in norms) for place in places)
+    assert all(p.requires_grad for m in norms.values() for p in m.parameters())  # nothing frozen
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) and not isinstance(m, torch.nn.SyncBatchNorm)
+                   for m in model.modules())  # no other batch norm (a frozen one would be FrozenBatchNorm2d)
 
 
 def test_compare_trains_two_backbones_and_writes_the_table_and_the_pictures(shapes, tmp_path, capsys):

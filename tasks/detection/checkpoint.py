@@ -74,7 +74,7 @@ def _map_detectron2_detection_key(key: str) -> str | None:
     if key.startswith("backbone.bottom_up."):  # FPN: the ResNet under the FPN
         mapped = map_detectron2_resnet_key(key[len("backbone.bottom_up."):])
         return f"backbone.bottom_up.{mapped}" if mapped else None
-    if m := re.match(r"^backbone\.fpn_(lateral|output)([2-5])\.(weight|bias)$", key):
+    if m := re.match(r"^backbone\.fpn_(lateral|output)([2-5])\.(weight|bias|norm\.\w+)$", key):  # norm: FPN.NORM
         return f"backbone.{m[1]}_convs.{int(m[2]) - 2}.{m[3]}"
     if key.startswith("backbone."):  # C4, DC5: the ResNet itself
         mapped = map_detectron2_resnet_key(key[len("backbone."):])
@@ -88,7 +88,11 @@ def _map_detectron2_detection_key(key: str) -> str | None:
         (r"^proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)$", r"rpn.head.deltas.\1"),
         (r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", r"roi_heads.predictor.\1.\2"),
         (r"^roi_heads\.box_head\.fc(\d+)\.(weight|bias)$", lambda m: f"roi_heads.box_head.fcs.{int(m[1]) - 1}.{m[2]}"),
-        (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$", lambda m: f"roi_heads.mask_head.convs.{int(m[1]) - 1}.{m[2]}"),
+        # FastRCNNConvFCHead's convolutions (ROI_BOX_HEAD.NUM_CONV, with ROI_BOX_HEAD.NORM: conv1.norm.*)
+        (r"^roi_heads\.box_head\.conv(\d+)\.(weight|bias|norm\.\w+)$",
+         lambda m: f"roi_heads.box_head.convs.{int(m[1]) - 1}.{m[2]}"),
+        (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias|norm\.\w+)$",
+         lambda m: f"roi_heads.mask_head.convs.{int(m[1]) - 1}.{m[2]}"),
         (r"^roi_heads\.mask_head\.(deconv|predictor)\.(weight|bias)$", r"roi_heads.mask_head.\1.\2"),
     ])
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones import FPN, Backbone
+from backbones import CONV_NORMS, FPN, Backbone
 from backbones.errors import UserError
 from heads import MASK_RULES, RPN, FCBoxHead, MaskHead, Res5BoxHead, RoIHeads, RoIPooler, paste_masks
 from tasks.modeling.assembly import layout_backbone, merged, resolve_layout_backbone
@@ -175,7 +175,8 @@ DEFAULTS: dict[str, Any] = {
     "channels_last": True,  # NHWC memory format for the convolutions (a speed option; see BENCHMARKS.md)
     "backbone": {"name": "resnet", "depth": 50, "stride_in_1x1": False, "norm": "FrozenBN", "freeze_at": 2,
                  "fold_frozen_bn": True},
-    "fpn": {"out_channels": 256, "top_block": "maxpool"},
+    # norm: after each lateral and output convolution ("" none, BN, FrozenBN, SyncBN, GN; detectron2's FPN.NORM)
+    "fpn": {"out_channels": 256, "top_block": "maxpool", "norm": ""},
     "anchors": None,  # per layout
     "rpn": {
         "iou_thresholds": [0.3, 0.7],
@@ -194,6 +195,12 @@ DEFAULTS: dict[str, Any] = {
         "sampling_ratio": 2,
         "aligned": True,
         "pooler_impl": "auto",  # "torchvision", "sparse" (faster on the CPU) or "auto" (sparse on the CPU)
+        # the FPN / DC5 box head (detectron2's FastRCNNConvFCHead): num_conv 3x3 convolutions of conv_dim, each
+        # with norm ("" none, BN, FrozenBN, SyncBN, GN) and ReLU, then num_fc fc layers of fc_dim; the default
+        # is the two-fc head, detectron2's "4conv1fc" is num_conv 4, num_fc 1 with a norm. C4's is res5.
+        "num_conv": 0,
+        "conv_dim": 256,
+        "norm": "",
         "num_fc": 2,
         "fc_dim": 1024,
         "fg_iou": 0.5,
@@ -215,6 +222,7 @@ DEFAULTS: dict[str, Any] = {
     "mask_head": {
         "num_conv": None,  # 3x3 convolutions before the deconvolution: 4 (FPN, DC5), 0 (C4: it reads res5's map)
         "conv_dim": 256,
+        "norm": "",  # after each 3x3 convolution ("" none, BN, FrozenBN, SyncBN, GN; detectron2's ROI_MASK_HEAD.NORM)
         "pooler_resolution": 14,  # its own RoIAlign (FPN, DC5); C4's reads the box head's res5 map
         "sampling_ratio": None,  # of its RoIAlign; default: roi_heads.sampling_ratio
         "rules": "torchvision",  # targets and paste as torchvision (or detectron2) computes them
@@ -247,7 +255,20 @@ def resolve_detector_config(config: Mapping[str, Any]) -> dict[str, Any]:
         mask["sampling_ratio"] = top["roi_heads"]["sampling_ratio"]
     if mask["rules"] not in MASK_RULES:
         raise UserError(f"model.mask_head.rules must be one of {', '.join(MASK_RULES)}, got {mask['rules']!r}")
+    _check_norms(top, layout)
     return top
+
+
+def _check_norms(top: Mapping[str, Any], layout: str) -> None:
+    """The FPN's and the heads' norms are names ``backbones.conv2d`` takes; C4's box head is ``res5``, whose
+    norm is the backbone's: convolutions or a norm of the fc box head there are an error."""
+    for section in ("fpn", "roi_heads", "mask_head"):
+        if top[section]["norm"] not in CONV_NORMS:
+            raise UserError(f"model.{section}.norm must be one of {', '.join(map(repr, CONV_NORMS))} ('': none), "
+                            f"got {top[section]['norm']!r}")
+    if layout == "c4" and (top["roi_heads"]["num_conv"] or top["roi_heads"]["norm"]):
+        raise UserError("model.roi_heads.num_conv and model.roi_heads.norm shape the FPN and DC5 box head; C4's box "
+                        "head is the res5 stage, normalized by model.backbone.norm: remove them")
 
 
 def _decided_backbone_keys(layout: str) -> dict[str, Any]:
@@ -261,7 +282,9 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
 
     ``layout`` chooses the head: ``fpn`` (the backbone's res2..res5 feed an FPN; RPN on p2..p6; RoIAlign
     7x7 over p2..p5; two fc layers), ``c4`` (the paper's: RPN and RoIAlign 14x14 on res4, res5 as the box
-    head) or ``dc5`` (res5 dilated to stride 16 feeds RPN and a 7x7 RoIAlign; two fc layers). The
+    head) or ``dc5`` (res5 dilated to stride 16 feeds RPN and a 7x7 RoIAlign; two fc layers). The FPN's and
+    the heads' norms (``fpn.norm``, ``roi_heads.norm`` with ``num_conv`` convolutions before the fc layers,
+    ``mask_head.norm``) are detectron2's (its SyncBN and GN baselines); none by default. The
     backbone's ``out_features`` (and, for dc5, ``output_stride``) follow from the layout.
     ``init_weights`` loads the backbone's initialisation weights (``model.backbone.weights``), unless
     ``model.weights`` names a whole trained detector to start from: its caller loads that next
@@ -277,8 +300,9 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
     pooler_resolution = roi_cfg.pop("pooler_resolution")
     pooler_kwargs = {k: roi_cfg.pop(k) for k in ("sampling_ratio", "aligned")}
     pooler_kwargs["impl"] = roi_cfg.pop("pooler_impl")
-    box_head_size = (pooler_resolution, roi_cfg.pop("num_fc"), roi_cfg.pop("fc_dim"))
-    backbone, rpn_features, roi_features, box_head = _layout_heads(layout, backbone, top["fpn"], *box_head_size)
+    box_head_cfg = {k: roi_cfg.pop(k) for k in ("num_fc", "fc_dim", "num_conv", "conv_dim", "norm")}
+    backbone, rpn_features, roi_features, box_head = _layout_heads(layout, backbone, top["fpn"], pooler_resolution,
+                                                                   box_head_cfg)
     shapes = backbone.output_shape()
     rpn = RPN(
         shapes,
@@ -313,28 +337,29 @@ def _mask_branch(top: Mapping[str, Any], layout: str, channels: int, box_head: n
         return {}
     cfg = top["mask_head"]
     if layout == "c4":
-        head = MaskHead(box_head.out_channels, top["num_classes"], cfg["num_conv"], cfg["conv_dim"])
+        head = MaskHead(box_head.out_channels, top["num_classes"], cfg["num_conv"], cfg["conv_dim"], cfg["norm"])
         return {"mask_head": head, "mask_pooler": None, "mask_rules": cfg["rules"]}
     pooler = RoIPooler(strides, cfg["pooler_resolution"], cfg["sampling_ratio"], pooler_kwargs["aligned"],
                        impl=pooler_kwargs["impl"])
-    head = MaskHead(channels, top["num_classes"], cfg["num_conv"], cfg["conv_dim"])
+    head = MaskHead(channels, top["num_classes"], cfg["num_conv"], cfg["conv_dim"], cfg["norm"])
     return {"mask_head": head, "mask_pooler": pooler, "mask_rules": cfg["rules"]}
 
 
-def _layout_heads(layout: str, backbone: Backbone, fpn_cfg: Mapping[str, Any], pooler_resolution: int, num_fc: int,
-                  fc_dim: int) -> tuple[Backbone, list[str], list[str], nn.Module]:
+def _layout_heads(layout: str, backbone: Backbone, fpn_cfg: Mapping[str, Any], pooler_resolution: int,
+                  box_head_cfg: Mapping[str, Any]) -> tuple[Backbone, list[str], list[str], nn.Module]:
     """What the layout makes of the backbone: the feature extractor (an FPN over it, or itself without the
-    ``res5`` stage that becomes C4's box head), the features the RPN and the RoI heads read, the box head."""
+    ``res5`` stage that becomes C4's box head), the features the RPN and the RoI heads read, the box head
+    (``box_head_cfg``: ``FCBoxHead``'s keys, for FPN and DC5)."""
     if layout == "fpn":
         backbone = FPN(backbone, ["res2", "res3", "res4", "res5"], **fpn_cfg)
         shapes = backbone.output_shape()
         rpn_features = list(shapes)
         roi_features = [f for f in shapes if f != list(shapes)[-1]] if fpn_cfg["top_block"] != "none" else list(shapes)
         return backbone, rpn_features, roi_features, FCBoxHead(shapes[roi_features[0]].channels, pooler_resolution,
-                                                               num_fc, fc_dim)
+                                                               **box_head_cfg)
     if layout == "c4":
         res5_shape = backbone.output_shape()["res5"]
         res5 = backbone.pop_stage("res5")
         return backbone, ["res4"], ["res4"], Res5BoxHead(res5, res5_shape.channels)
     return backbone, ["res5"], ["res5"], FCBoxHead(backbone.output_shape()["res5"].channels, pooler_resolution,
-                                                   num_fc, fc_dim)
+                                                   **box_head_cfg)
