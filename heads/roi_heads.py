@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_area, roi_align
 
-from backbones import ShapeSpec, conv2d
+from backbones import ShapeSpec, conv2d, make_norm
 
 from .boxes import BoxCoder, Matcher, batched_nms, box_loss, clip_boxes, ground_truth_iou, sample_balanced, sampled_indices
 from .detections import Detections
@@ -154,16 +154,21 @@ class FCBoxHead(nn.Module):
 
 
 class Res5BoxHead(nn.Module):
-    """The C4 head: a ResNet ``res5`` stage over the pooled ``res4`` features, then global average pooling
-    (``forward``); ``feature_map`` is the ``res5`` output before the pooling, what C4's mask head reads."""
+    """The C4 head: a ResNet ``res5`` stage over the pooled ``res4`` features (with ``norm``, one more norm
+    after it), then global average pooling (``forward``); ``feature_map`` is the map before the pooling, what
+    C4's mask head reads."""
 
-    def __init__(self, res5: nn.Module, out_channels: int):
+    def __init__(self, res5: nn.Module, out_channels: int, norm: str = ""):
         super().__init__()
         self.res5 = res5
         self.out_channels = out_channels
+        # one more norm after res5 ("": none): MoCo's C4 protocols (detectron2's Res5ROIHeadsExtraNorm, which
+        # puts the backbone's norm, SyncBN, after the head's res5; its key is roi_heads.res5.norm.*)
+        self.norm = make_norm(norm, out_channels) if norm else None
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.res5(x)
+        x = self.res5(x)
+        return self.norm(x) if self.norm is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_map(x).mean(dim=(2, 3))

@@ -164,6 +164,42 @@ def test_a_detectron2_syncbn_mask_rcnn_checkpoint_loads_by_its_names(tmp_path):
     assert isinstance(model.backbone.lateral_convs[0].norm, torch.nn.SyncBatchNorm)
 
 
+def test_moco_res5_extra_norm_loads_by_its_name_and_follows_res5(tmp_path):
+    """MoCo's C4 head (detectron2's Res5ROIHeadsExtraNorm: a norm appended to the head's res5 as
+    ``roi_heads.res5.norm``): the narrow reference Mask R-CNN C4 file plus that norm loads strictly with
+    ``model.roi_heads.res5_norm``, the norm lands in the box head, and the map the box and mask heads read is
+    that norm of res5's output (eval mode: the loaded running statistics)."""
+    with open(REFERENCE / "mask_rcnn_R_50_C4_1x.pkl", "rb") as f:
+        zoo = pickle.load(f, encoding="latin1")["model"]
+    channels = zoo["roi_heads.res5.2.conv3.weight"].shape[0]
+    rng = np.random.default_rng(1)
+    extra = {f"roi_heads.res5.norm.{stat}": rng.uniform(0.5, 1.5, channels).astype(np.float32)
+             for stat in ("weight", "bias", "running_mean", "running_var")}
+    path = tmp_path / "mask_rcnn_R_50_C4_moco.pkl"
+    path.write_bytes(pickle.dumps({"model": {**zoo, **extra}, "__author__": "test"}))
+    config = load_config(CONFIGS / "mask_rcnn_R_50_C4_1x.yaml", NARROW + ["model.mask_head.conv_dim=64", "model.roi_heads.res5_norm=SyncBN"])
+    model = build_detector(config.model, init_weights=False)
+    assert load_detector_weights(model, path) == "detectron2-detection"  # strict
+    head = model.roi_heads.box_head
+    assert isinstance(head.norm, torch.nn.SyncBatchNorm)
+    for stat, value in extra.items():
+        assert torch.equal(getattr(head.norm, stat.rsplit(".", 1)[1]), torch.as_tensor(value))
+    head.eval()
+    x = torch.randn(3, head.res5[0].conv1.in_channels, 14, 14)
+    with torch.no_grad():
+        res5 = head.res5(x)
+        expected = (res5 - torch.as_tensor(extra["roi_heads.res5.norm.running_mean"])[:, None, None]) / torch.sqrt(
+            torch.as_tensor(extra["roi_heads.res5.norm.running_var"])[:, None, None] + 1e-5)
+        expected = expected * torch.as_tensor(extra["roi_heads.res5.norm.weight"])[:, None, None] + torch.as_tensor(
+            extra["roi_heads.res5.norm.bias"])[:, None, None]
+        torch.testing.assert_close(head.feature_map(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head(x), expected.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+    plain = build_detector(load_config(CONFIGS / "mask_rcnn_R_50_C4_1x.yaml", NARROW).model, init_weights=False)
+    assert plain.roi_heads.box_head.norm is None and not any(".box_head.norm." in k for k in plain.state_dict())
+    with pytest.raises(UserError, match="model.roi_heads.res5_norm is the norm after C4's res5 box head; layout fpn"):
+        build_detector(load_config(CONFIGS / "mask_rcnn_R_50_FPN_1x.yaml", NARROW + ["model.roi_heads.res5_norm=BN"]).model)
+
+
 def test_zoo_checkpoint_mismatch_is_named(tmp_path):
     """Strict: a zoo checkpoint under the wrong config names the mismatching tensors in one error."""
     config = load_config(CONFIGS / "faster_rcnn_R_50_C4_1x.yaml", NARROW + ["model.num_classes=3"])

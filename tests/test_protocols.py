@@ -20,9 +20,12 @@ SMALL = ["model.backbone.depth=18", "model.backbone.weights=null", "model.num_cl
 
 
 # where each protocol has its SyncBN (the prefixes of the modules that hold one): C4's res5 box head is the
-# backbone's res5; MoCo's R50-FPN has it in the backbone and the FPN, its heads have none (issue #34)
-SYNCBN_IN = {"coco_mask_rcnn_r50_c4_1x_moco": {"backbone.stem", "backbone.res2", "backbone.res3", "backbone.res4",
-                                                "roi_heads.box_head.res5"},
+# backbone's res5, with one more after it (box_head.norm); MoCo's R50-FPN has it in the backbone and the FPN,
+# its heads have none (issue #34)
+C4_SYNCBN = {"backbone.stem", "backbone.res2", "backbone.res3", "backbone.res4", "roi_heads.box_head.res5",
+             "roi_heads.box_head.norm"}
+SYNCBN_IN = {"coco_mask_rcnn_r50_c4_1x_moco": C4_SYNCBN,
+             "voc_faster_rcnn_r50_c4_24k_moco": C4_SYNCBN,
              "coco_mask_rcnn_r50_fpn_1x_moco": {"backbone.bottom_up.stem", "backbone.bottom_up.res2",
                                                 "backbone.bottom_up.res3", "backbone.bottom_up.res4",
                                                 "backbone.bottom_up.res5", "backbone.lateral_convs",
@@ -30,19 +33,23 @@ SYNCBN_IN = {"coco_mask_rcnn_r50_c4_1x_moco": {"backbone.stem", "backbone.res2",
 
 
 @pytest.mark.parametrize("name", list(SYNCBN_IN))
-def test_a_protocol_runs_end_to_end(shapes, tmp_path, name):
-    """Two iterations and an evaluation of each layout's protocol (a ResNet-18, tiny heads, generated
-    shapes), then: SyncBN exactly where the protocol puts it, every one of them training."""
-    config = load_config(ROOT / "configs" / "protocols" / f"{name}.yaml",
-                         [*SMALL, f"data.root={shapes}", f"output_dir={tmp_path / 'run'}"])
+def test_a_protocol_runs_end_to_end(request, tmp_path, name):
+    """Two iterations and an evaluation of each protocol (a ResNet-18, tiny heads, generated shapes; VOC's in
+    a VOCdevkit layout), then: SyncBN exactly where the protocol puts it, every one of them training."""
+    voc = name.startswith("voc_")
+    data = [f"data.root={request.getfixturevalue('voc_shapes')}", "model.num_classes=20"] if voc else \
+        [f"data.root={request.getfixturevalue('shapes')}"]
+    config = load_config(ROOT / "configs" / "protocols" / f"{name}.yaml", [*SMALL, *data, f"output_dir={tmp_path / 'run'}"])
     task = get_task(config.task)
     result = train(task, config)
-    assert result.iterations == 2 and "segm/AP" in result.metrics and "bbox/AP" in result.metrics
+    expected = {"bbox/mAP", "bbox/AP", "bbox/AP50", "bbox/AP75"} if voc else {"segm/AP", "bbox/AP"}
+    assert result.iterations == 2 and expected <= set(result.metrics)
     model = task.build_model(config, init_weights=False)
     norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)}
     places = SYNCBN_IN[name]
-    assert all(any(n.startswith(f"{place}.") for place in places) for n in norms)
-    assert all(any(n.startswith(f"{place}.") for n in norms) for place in places)
+    inside = lambda n, place: n == place or n.startswith(f"{place}.")  # noqa: E731
+    assert all(any(inside(n, place) for place in places) for n in norms)
+    assert all(any(inside(n, place) for n in norms) for place in places)
     assert all(p.requires_grad for m in norms.values() for p in m.parameters())  # nothing frozen
     assert not any(isinstance(m, torch.nn.BatchNorm2d) and not isinstance(m, torch.nn.SyncBatchNorm)
                    for m in model.modules())  # no other batch norm (a frozen one would be FrozenBatchNorm2d)

@@ -79,6 +79,8 @@ def _map_detectron2_detection_key(key: str) -> str | None:
     if key.startswith("backbone."):  # C4, DC5: the ResNet itself
         mapped = map_detectron2_resnet_key(key[len("backbone."):])
         return f"backbone.{mapped}" if mapped else None
+    if m := re.match(r"^roi_heads\.res5\.norm\.(\w+)$", key):  # C4: the norm after res5 (Res5ROIHeadsExtraNorm)
+        return f"roi_heads.box_head.norm.{m[1]}"
     if key.startswith("roi_heads.res5."):  # C4: res5 is the box head
         mapped = map_detectron2_resnet_key(key[len("roi_heads."):])
         return f"roi_heads.box_head.{mapped}" if mapped else None

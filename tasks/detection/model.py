@@ -198,6 +198,9 @@ DEFAULTS: dict[str, Any] = {
         # the FPN / DC5 box head (detectron2's FastRCNNConvFCHead): num_conv 3x3 convolutions of conv_dim, each
         # with norm ("" none, BN, FrozenBN, SyncBN, GN) and ReLU, then num_fc fc layers of fc_dim; the default
         # is the two-fc head, detectron2's "4conv1fc" is num_conv 4, num_fc 1 with a norm. C4's is res5.
+        # C4 only: one more norm after the box head's res5 ("" none; MoCo's protocols: SyncBN, detectron2's
+        # Res5ROIHeadsExtraNorm)
+        "res5_norm": "",
         "num_conv": 0,
         "conv_dim": 256,
         "norm": "",
@@ -268,7 +271,14 @@ def _check_norms(top: Mapping[str, Any], layout: str) -> None:
                             f"got {top[section]['norm']!r}")
     if layout == "c4" and (top["roi_heads"]["num_conv"] or top["roi_heads"]["norm"]):
         raise UserError("model.roi_heads.num_conv and model.roi_heads.norm shape the FPN and DC5 box head; C4's box "
-                        "head is the res5 stage, normalized by model.backbone.norm: remove them")
+                        "head is the res5 stage, normalized by model.backbone.norm (and model.roi_heads.res5_norm "
+                        "after it): remove them")
+    if top["roi_heads"]["res5_norm"] not in CONV_NORMS:
+        raise UserError(f"model.roi_heads.res5_norm must be one of {', '.join(map(repr, CONV_NORMS))} ('': none), "
+                        f"got {top['roi_heads']['res5_norm']!r}")
+    if layout != "c4" and top["roi_heads"]["res5_norm"]:
+        raise UserError(f"model.roi_heads.res5_norm is the norm after C4's res5 box head; layout {layout} has no "
+                        "such head: remove it")
 
 
 def _decided_backbone_keys(layout: str) -> dict[str, Any]:
@@ -300,7 +310,7 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
     pooler_resolution = roi_cfg.pop("pooler_resolution")
     pooler_kwargs = {k: roi_cfg.pop(k) for k in ("sampling_ratio", "aligned")}
     pooler_kwargs["impl"] = roi_cfg.pop("pooler_impl")
-    box_head_cfg = {k: roi_cfg.pop(k) for k in ("num_fc", "fc_dim", "num_conv", "conv_dim", "norm")}
+    box_head_cfg = {k: roi_cfg.pop(k) for k in ("num_fc", "fc_dim", "num_conv", "conv_dim", "norm", "res5_norm")}
     backbone, rpn_features, roi_features, box_head = _layout_heads(layout, backbone, top["fpn"], pooler_resolution,
                                                                    box_head_cfg)
     shapes = backbone.output_shape()
@@ -355,11 +365,13 @@ def _layout_heads(layout: str, backbone: Backbone, fpn_cfg: Mapping[str, Any], p
         shapes = backbone.output_shape()
         rpn_features = list(shapes)
         roi_features = [f for f in shapes if f != list(shapes)[-1]] if fpn_cfg["top_block"] != "none" else list(shapes)
+        fc_cfg = {k: v for k, v in box_head_cfg.items() if k != "res5_norm"}
         return backbone, rpn_features, roi_features, FCBoxHead(shapes[roi_features[0]].channels, pooler_resolution,
-                                                               **box_head_cfg)
+                                                               **fc_cfg)
     if layout == "c4":
         res5_shape = backbone.output_shape()["res5"]
         res5 = backbone.pop_stage("res5")
-        return backbone, ["res4"], ["res4"], Res5BoxHead(res5, res5_shape.channels)
+        return backbone, ["res4"], ["res4"], Res5BoxHead(res5, res5_shape.channels, box_head_cfg["res5_norm"])
+    fc_cfg = {k: v for k, v in box_head_cfg.items() if k != "res5_norm"}
     return backbone, ["res5"], ["res5"], FCBoxHead(backbone.output_shape()["res5"].channels, pooler_resolution,
-                                                   **box_head_cfg)
+                                                   **fc_cfg)
