@@ -357,10 +357,15 @@ def test_a_killed_data_loader_worker_is_one_line_naming_it_and_the_likely_cause(
 
     killed = []
 
+    def children() -> list[int]:
+        return [int(pid) for pid in Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()]
+
+    before = set(children())  # processes an earlier test of this pytest worker left running are not the loader's
+
     def kill_a_worker_at_call_3(n, losses):
         if n == 3:
-            children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
-            workers = [int(pid) for pid in children if b"python" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            workers = [pid for pid in children() if pid not in before
+                       and b"python" in Path(f"/proc/{pid}/cmdline").read_bytes()]
             killed.append(workers[0])
             os.kill(workers[0], signal.SIGKILL)
             time.sleep(0.5)
