@@ -216,7 +216,8 @@ def test_mask_configs_are_complete():
 
 
 def test_mask_quickstart_learns_masks(tmp_path):
-    """configs/quickstart_mask.yaml for 300 iterations (the schedule's length; the 1000 it ships with take
+    """configs/quickstart_mask.yaml for 250 iterations (box AP 0.108, mask AP 0.125 measured; the 1000 it ships
+    with take
     7-9 minutes on 2 CPU cores, too long for the test command: tests/test_cuda.py holds them to the README's
     bar on a GPU): box and mask AP of at least 0.08 on the held-out synthetic split (an untrained model
     scores 0), the curves of both and the drawings written."""
@@ -224,7 +225,7 @@ def test_mask_quickstart_learns_masks(tmp_path):
     from tasks.registry import get_task
 
     config = load_config(CONFIGS / "quickstart_mask.yaml", [f"data.root={tmp_path / 'synthetic'}",
-                                                             f"output_dir={tmp_path / 'run'}", "train.max_iters=300"])
+                                                             f"output_dir={tmp_path / 'run'}", "train.max_iters=250"])
     result = train(get_task(config.task), config)
     assert result.metrics["segm/AP"] >= 0.08 and result.metrics["bbox/AP"] >= 0.08, result.metrics
     assert (tmp_path / "run" / "visualizations").is_dir() and (tmp_path / "run" / "pr_curves_segm.png").is_file()

@@ -246,3 +246,47 @@ def test_a_tiny_fcn_trains_and_evaluates_on_label_folders(tmp_path):
     assert evaluate([str(run), "--output-dir", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again == pytest.approx({k: v for k, v in result.metrics.items()})
+
+
+def protocol_tree(config, root: Path, count: int = 4) -> None:
+    """A tiny tree in the layout ``config`` (a mask_folder protocol) reads: ``count`` 64 px images a split under
+    a sub-folder (``city/``), each label drawn from the file values the config accounts for (its value map's
+    keys, or the ids; and its ignored values), and the split files it names."""
+    data = config.data
+    classes = int(config.model["num_classes"])
+    if data.value_map:
+        values = sorted(data.value_map)
+    else:
+        values = list(range(1, classes + 1)) if data.reduce_zero_label else list(range(classes))
+    values += list(data.ignore_values) + ([0] if data.reduce_zero_label else [])
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        paths = getattr(data, split)
+        labels = paths.labels or paths.images
+        stems = [f"city/{split}_{n}" for n in range(count)]
+        for n, stem in enumerate(stems):
+            write_image(root / paths.images / f"{stem}{data.image_suffix}", 64, 64, seed=n)
+            write_label(root / labels / f"{stem}{data.label_suffix}",
+                        rng.choice(np.asarray(values, np.uint8), size=(64, 64)))
+        if paths.split_file:
+            (root / paths.split_file).parent.mkdir(parents=True, exist_ok=True)
+            (root / paths.split_file).write_text("\n".join(stems) + "\n")
+
+
+@pytest.mark.parametrize("name", ["seg_voc_aug_fcn_r50", "seg_cityscapes_fcn_r50", "seg_ade20k_fcn_r50"])
+def test_each_segmentation_protocol_runs_end_to_end(tmp_path, name):
+    """Two iterations and an evaluation of each FCN protocol (its own layout, suffixes and value rules; a
+    dilated ResNet-18 at 64 px instead of the ResNet-50 at its crop size): mIoU over its classes, named as its
+    data.class_names."""
+    from tasks.engine import train
+
+    small = ["model.backbone.depth=18", "model.backbone.weights=null", "data.min_size_train=[64]", "data.crop_size=64",
+             "data.max_size_train=128", "data.min_size_test=64", "data.max_size_test=128", "data.num_workers=0",
+             "train.batch_size=2", "train.max_iters=2", "train.warmup_iters=0", "train.log_period=1",
+             "train.log_with=[]", "eval.num_visualize=0"]
+    config = load_config(PROTOCOLS / f"{name}.yaml", [*small, f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}"])
+    protocol_tree(config, tmp_path / "data")
+    result = train(get_task(config.task), config)
+    assert result.iterations == 2 and 0.0 <= result.metrics["segm/mIoU"] <= 1.0
+    per_class = {k[len("segm/IoU/"):] for k in result.metrics if k.startswith("segm/IoU/")}
+    assert per_class and per_class <= set(config.data.class_names)
