@@ -290,3 +290,20 @@ def test_each_segmentation_protocol_runs_end_to_end(tmp_path, name):
     assert result.iterations == 2 and 0.0 <= result.metrics["segm/mIoU"] <= 1.0
     per_class = {k[len("segm/IoU/"):] for k in result.metrics if k.startswith("segm/IoU/")}
     assert per_class and per_class <= set(config.data.class_names)
+
+
+def test_check_data_decodes_every_label_with_the_value_rules(tmp_path, capsys):
+    """tools/check_data.py --decode on a mask_folder protocol: every item read, a label with a value the
+    config does not account for reported with its file, exit code 1."""
+    from tools.check_data import main as check
+
+    name = "seg_ade20k_fcn_r50"
+    overrides = [f"data.root={tmp_path / 'data'}", "model.backbone.weights=null", "data.min_size_test=64"]
+    protocol_tree(load_config(PROTOCOLS / f"{name}.yaml", overrides), tmp_path / "data", count=2)
+    assert check([str(PROTOCOLS / f"{name}.yaml"), *overrides, "--decode"]) == 0
+    assert "[val] 2 images (mask_folder)" in capsys.readouterr().out
+    bad = tmp_path / "data" / "annotations" / "validation" / "city" / "val_1.png"
+    write_label(bad, np.full((64, 64), 151, np.uint8))
+    assert check([str(PROTOCOLS / f"{name}.yaml"), *overrides, "--decode", "--split", "val"]) == 1
+    printed = capsys.readouterr().out
+    assert "[val] 2 images (mask_folder), 1 with errors:" in printed and f"label file {bad} has value(s) 151" in printed

@@ -338,3 +338,22 @@ def test_voc_evaluation_sharded_over_two_processes_equals_one(voc_run, tmp_path)
     key = lambda r: (r["image_id"], r["category_id"], r["score"], r["bbox"])  # noqa: E731
     assert sorted(json.loads((tmp_path / "voc_results.json").read_text()), key=key) == sorted(
         json.loads((out / "voc_results.json").read_text()), key=key)
+
+
+def test_check_data_reads_a_voc_config_with_the_runs_reader(voc_shapes, tmp_path, capsys):
+    """tools/check_data.py on a VOC config: each split built as the run builds it (07+12 trainval less the image
+    without objects, 07 test) and, with --decode, every item read; a listed image whose XML is missing is an
+    error of its split naming the file, exit code 1."""
+    from tools.check_data import main as check
+
+    base = [str(QUICKSTART), *VOC_DATA, f"data.root={voc_shapes}"]
+    assert check([*base, "--decode"]) == 0
+    printed = capsys.readouterr().out
+    assert "[train] 11 images (voc)" in printed and "[val] 5 images (voc)" in printed and "no errors found" in printed
+
+    shutil.copytree(voc_shapes, tmp_path / "VOCdevkit")
+    listing = tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt"
+    listing.write_text(listing.read_text() + "v_9999\n")
+    assert check([str(QUICKSTART), *VOC_DATA, f"data.root={tmp_path / 'VOCdevkit'}", "--split", "val"]) == 1
+    printed = capsys.readouterr().out
+    assert f"[val] error: {listing} lists v_9999, but {listing.parents[2] / 'Annotations' / 'v_9999.xml'} does not exist" in printed
