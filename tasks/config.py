@@ -95,7 +95,8 @@ class DataConfig:
     image_suffix: str = ".jpg"  # what ends an image file's name (Cityscapes: _leftImg8bit.png)
     label_suffix: str = ".png"  # what replaces it in the label file's name (Cityscapes: _gtFine_labelIds.png)
     class_names: list[str] = field(default_factory=list)  # the training ids' names, 0..K-1 (K: model.num_classes)
-    value_map: dict[int, int] = field(default_factory=dict)  # file value -> training id ({}: the value is the id)
+    # value -> training id ({}: the value is the id; 255: ignored); with reduce_zero_label the value after it
+    value_map: dict[int, int] = field(default_factory=dict)
     ignore_values: list[int] = field(default_factory=lambda: [255])  # file values ignored in loss and metric
     reduce_zero_label: bool = False  # file value 0 ignored and v -> v - 1 before value_map (ADE20K)
     # any other file value is an error naming the file and the value
