@@ -310,9 +310,9 @@ def build_detector(config: Mapping[str, Any], init_weights: bool = True) -> Fast
     pooler_resolution = roi_cfg.pop("pooler_resolution")
     pooler_kwargs = {k: roi_cfg.pop(k) for k in ("sampling_ratio", "aligned")}
     pooler_kwargs["impl"] = roi_cfg.pop("pooler_impl")
-    box_head_cfg = {k: roi_cfg.pop(k) for k in ("num_fc", "fc_dim", "num_conv", "conv_dim", "norm", "res5_norm")}
+    box_head_cfg = {k: roi_cfg.pop(k) for k in ("num_fc", "fc_dim", "num_conv", "conv_dim", "norm")}
     backbone, rpn_features, roi_features, box_head = _layout_heads(layout, backbone, top["fpn"], pooler_resolution,
-                                                                   box_head_cfg)
+                                                                   box_head_cfg, roi_cfg.pop("res5_norm"))
     shapes = backbone.output_shape()
     rpn = RPN(
         shapes,
@@ -356,22 +356,20 @@ def _mask_branch(top: Mapping[str, Any], layout: str, channels: int, box_head: n
 
 
 def _layout_heads(layout: str, backbone: Backbone, fpn_cfg: Mapping[str, Any], pooler_resolution: int,
-                  box_head_cfg: Mapping[str, Any]) -> tuple[Backbone, list[str], list[str], nn.Module]:
+                  box_head_cfg: Mapping[str, Any], res5_norm: str) -> tuple[Backbone, list[str], list[str], nn.Module]:
     """What the layout makes of the backbone: the feature extractor (an FPN over it, or itself without the
     ``res5`` stage that becomes C4's box head), the features the RPN and the RoI heads read, the box head
-    (``box_head_cfg``: ``FCBoxHead``'s keys, for FPN and DC5)."""
+    (``box_head_cfg``: ``FCBoxHead``'s keys, for FPN and DC5; ``res5_norm``: the norm after C4's res5)."""
     if layout == "fpn":
         backbone = FPN(backbone, ["res2", "res3", "res4", "res5"], **fpn_cfg)
         shapes = backbone.output_shape()
         rpn_features = list(shapes)
         roi_features = [f for f in shapes if f != list(shapes)[-1]] if fpn_cfg["top_block"] != "none" else list(shapes)
-        fc_cfg = {k: v for k, v in box_head_cfg.items() if k != "res5_norm"}
         return backbone, rpn_features, roi_features, FCBoxHead(shapes[roi_features[0]].channels, pooler_resolution,
-                                                               **fc_cfg)
+                                                               **box_head_cfg)
     if layout == "c4":
         res5_shape = backbone.output_shape()["res5"]
         res5 = backbone.pop_stage("res5")
-        return backbone, ["res4"], ["res4"], Res5BoxHead(res5, res5_shape.channels, box_head_cfg["res5_norm"])
-    fc_cfg = {k: v for k, v in box_head_cfg.items() if k != "res5_norm"}
+        return backbone, ["res4"], ["res4"], Res5BoxHead(res5, res5_shape.channels, res5_norm)
     return backbone, ["res5"], ["res5"], FCBoxHead(backbone.output_shape()["res5"].channels, pooler_resolution,
-                                                   **fc_cfg)
+                                                   **box_head_cfg)
