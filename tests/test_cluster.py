@@ -156,12 +156,28 @@ def _launch(*args: str, machines: int = 1, rank: int = 0, ip: str = "127.0.0.1",
                "--main_process_port", str(port or free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _finish(process: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
     stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr.replace("\r", "\n"))
+
+
+def _finish_all(jobs: list[subprocess.Popen], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Wait for every job of a several-machine run. One that fails ends the others (they would wait for it in
+    the rendezvous until its timeout); on the deadline all are killed. Each job's output is returned."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(job.poll() is None for job in jobs):
+        if any(job.poll() not in (None, 0) for job in jobs):
+            time.sleep(5)  # the others' own errors first, if they have any
+            break
+        time.sleep(0.2)
+    for job in jobs:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)  # the launcher and its workers (each job is its own session)
+    return [_finish(job, timeout=60) for job in jobs]
 
 
 def _worker(launcher: subprocess.Popen, local_rank: int) -> int:
@@ -329,19 +345,21 @@ def test_two_machines_train_as_two_processes_on_one(shapes, tmp_path, two_machin
     else:
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
-        (bin_dir / "scontrol").write_text("#!/bin/sh\necho 10.87.0.1\necho 10.87.0.2\n")  # show hostnames
+        # `scontrol show hostnames`, one line at a time as for a long node list (a reader that leaves after the
+        # first line would make the second a SIGPIPE)
+        (bin_dir / "scontrol").write_text("#!/bin/sh\necho 10.87.0.1\nsleep 0.2\necho 10.87.0.2\n")
         (bin_dir / "scontrol").chmod(0o755)
         path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
         jobs = [subprocess.Popen(["ip", "netns", "exec", name, "bash", "tools/slurm_train.sh", *_job_args(shapes, out)[1:]],
-                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                  env={**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
                                       "GLOO_SOCKET_IFNAME": link, "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2",
                                       "SLURM_NODEID": str(rank), "SLURM_JOB_ID": "4242", "GPUS_PER_NODE": "1",
                                       "MAIN_PORT": str(port), "ACCELERATE_ARGS": "--mixed_precision no --dynamo_backend no"})
                 for rank, (name, link) in enumerate(two_machines)]
-    done = [_finish(job) for job in jobs]
-    for machine in done:
-        assert machine.returncode == 0, machine.stderr[-3000:]
+    done = _finish_all(jobs)
+    assert all(machine.returncode == 0 for machine in done), "\n".join(
+        f"machine {rank} (exit code {machine.returncode}): {machine.stderr[-3000:]}" for rank, machine in enumerate(done))
     world = json.loads((out / "world.json").read_text())
     assert world["world_size"] == 2
     _assert_same_run(out, uninterrupted)

@@ -21,7 +21,10 @@ set -euo pipefail
 : "${SLURM_NNODES:?}" "${SLURM_NODEID:?}" "${SLURM_JOB_ID:?}"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-main_host="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# The first host of the allocation. Not `scontrol ... | head -n 1`: head leaves after one line, and under
+# pipefail the SIGPIPE scontrol then gets on a later line would end this script (exit code 141, no message).
+hosts="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"
+main_host="${hosts%%$'\n'*}"
 gpus="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}}"
 [ "${gpus:-0}" -ge 1 ] 2>/dev/null || gpus=1
 port="${MAIN_PORT:-$((29500 + SLURM_JOB_ID % 1000))}"
