@@ -6,7 +6,6 @@ import difflib
 import math
 from typing import Sequence
 
-import timm
 import torch
 from torch import nn
 
@@ -47,6 +46,8 @@ class TimmBackbone(Backbone):
         freeze_at: int = 0,
         in_channels: int = 3,
     ):
+        import timm  # noqa: PLC0415  a second of start-up that only timm backbones need
+
         super().__init__()
         if norm not in TIMM_NORMS:
             raise ValueError(f"unknown timm backbone norm {norm!r}; choose one of {', '.join(TIMM_NORMS)}")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import timm
 import torch
 import torchvision
 from safetensors.torch import load_file
@@ -368,6 +367,8 @@ def fetch_named_weights(source: str) -> dict[str, torch.Tensor]:
                 f"elsewhere and put it at {cache / filename}, or give the file's path as the weights"
             ) from error
     if library == "timm":
+        import timm  # noqa: PLC0415  slow to import, and only timm weights need it
+
         try:
             cfg = timm.models.get_pretrained_cfg(name)
         except Exception:
