@@ -3,6 +3,7 @@ flipped byte) and saves that fail (a full disk, a read-only folder); a process s
 (kill -9) in a two-process run; a stalled read; two machines joined by a network (two network namespaces).
 The tests that mount file systems or create namespaces need root and skip, saying so, without it."""
 
+import contextlib
 import gc
 import json
 import os
@@ -176,7 +177,8 @@ def _finish_all(jobs: list[subprocess.Popen], timeout: float = 600) -> list[subp
         time.sleep(0.2)
     for job in jobs:
         if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)  # the launcher and its workers (each job is its own session)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended since
+                os.killpg(job.pid, signal.SIGKILL)  # the launcher and its workers (each job is its own session)
     return [_finish(job, timeout=60) for job in jobs]
 
 
